@@ -10,42 +10,33 @@ import os
 import sys
 
 _FIX = (
-    "tfrec_fast needs tf.keras to be Keras 2 (the tf_keras package). "
-    "Set the environment variable TF_USE_LEGACY_KERAS=1 before TensorFlow is "
-    "imported (e.g. `export TF_USE_LEGACY_KERAS=1`, or "
-    "`os.environ['TF_USE_LEGACY_KERAS'] = '1'` at the very top of your script), "
-    "or import tfrec_fast before tensorflow."
+        "tfrec_fast needs tf.keras to be Keras 2 (the tf_keras package). "
+        "Set the environment variable TF_USE_LEGACY_KERAS=1 before TensorFlow is "
+        "imported (e.g. `export TF_USE_LEGACY_KERAS=1`, or "
+        "`os.environ['TF_USE_LEGACY_KERAS'] = '1'` at the very top of your script), "
+        "or import tfrec_fast before tensorflow."
 )
 
 
-def _legacy_requested() -> bool:
-  return os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in (
-      "1", "true", "yes")
-
-
 def ensure_legacy_keras() -> None:
-  """Selects tf_keras for `tf.keras`, or raises ImportError saying how to fix.
+    """Selects tf_keras for `tf.keras`, or raises ImportError saying how to fix.
 
-  Raises:
-    ImportError: TensorFlow was imported earlier and `tf.keras` already
-      resolved to Keras 3, or tf_keras is not installed.
-  """
-  if "tensorflow" not in sys.modules:
+    Raises:
+        ImportError: TensorFlow was imported earlier and `tf.keras` already
+            resolved to Keras 3, or tf_keras is not installed.
+    """
+    # Before TensorFlow's import, or after it while its lazy `tf.keras` has not
+    # resolved yet, setting the variable still takes effect.
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
-  elif not _legacy_requested():
-    # TensorFlow is imported; its lazy `tf.keras` may not have resolved yet,
-    # in which case setting the variable now still takes effect.
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"
-  try:
-    import tf_keras  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(
-        "tfrec_fast needs the tf_keras package (Keras 2): "
-        "pip install 'tf-keras==2.21.*'") from e
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  version = getattr(tf.keras, "__version__", None) or tf.keras.version()
-  if not str(version).startswith("2."):
-    raise ImportError(
-        f"TensorFlow was imported with Keras {version} behind tf.keras. "
-        + _FIX)
-  del tf_keras
+    try:
+        import tf_keras  # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError as e:
+        raise ImportError(
+            "tfrec_fast needs the tf_keras package (Keras 2): "
+            "pip install 'tf-keras==2.21.*'") from e
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    keras_module = tf.keras.layers.Layer.__module__
+    if not keras_module.startswith("tf_keras."):
+        raise ImportError(
+            "TensorFlow was imported with Keras 3 behind tf.keras "
+            f"(tf.keras.layers.Layer comes from {keras_module}). " + _FIX)

@@ -1,0 +1,12 @@
+"""Custom ops: lazy loading of the compiled library and dispatch to it.
+
+Every fused op here has a pure-TF reference of identical meaning; when the
+library is missing or was built for another TensorFlow, the reference runs
+after one `OpLibraryWarning`.
+"""
+
+from tfrec_fast.ops._library import build_info
+from tfrec_fast.ops._library import OpLibrary
+from tfrec_fast.ops._library import OpLibraryWarning
+from tfrec_fast.ops.validate_ids import validate_ids
+from tfrec_fast.ops.validate_ids import validate_ids_reference
