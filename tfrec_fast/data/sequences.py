@@ -128,41 +128,55 @@ def to_sequences(interactions: Interactions, item_order: str = "frequency",
     if not isinstance(min_length, numbers.Integral) or min_length < 1:
         raise ValueError(
             f"min_length must be an integer >= 1, got {min_length!r}.")
-    raw_users, user_rows = np.unique(interactions.users, return_inverse=True)
-    counts = np.bincount(user_rows, minlength=raw_users.shape[0])
-    kept_users = counts >= min_length
+    order = _user_time_order(interactions.users, interactions.timestamps)
+    sorted_users = interactions.users[order]
+    user_splits = _run_splits(sorted_users)
+    lengths = np.diff(user_splits)
+    kept_users = lengths >= min_length
     if not kept_users.any():
         raise ValueError(
             f"No user has at least min_length={min_length} interactions "
             f"(the log has {len(interactions)} interactions).")
-    items, times = interactions.items, interactions.timestamps
+    sorted_items = interactions.items[order]
     if not kept_users.all():
-        kept = kept_users[user_rows]
-        new_row = np.cumsum(kept_users, dtype=np.int64) - 1
-        user_rows = new_row[user_rows[kept]]
-        items, times = items[kept], times[kept]
-    order = _user_time_order(user_rows, times)
-    item_vocab, item_ids = _reindex_items(items[order], item_order)
+        sorted_items = sorted_items[np.repeat(kept_users, lengths)]
+    item_vocab, item_ids = _reindex_items(sorted_items, item_order)
     return SequenceData(
-        row_splits=splits_from_lengths(counts[kept_users]),
+        row_splits=splits_from_lengths(lengths[kept_users]),
         items=item_ids,
         num_items=int(item_vocab.shape[0]),
-        user_vocab=raw_users[kept_users],
+        user_vocab=sorted_users[user_splits[:-1][kept_users]],
         item_vocab=item_vocab)
 
 
-def _user_time_order(user_rows: np.ndarray, times: np.ndarray) -> np.ndarray:
-    """Permutation sorting by (user row, timestamp), ties in input order.
+def _user_time_order(users: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Permutation sorting by (user, timestamp), ties kept in input order.
 
     Args:
-        user_rows: int64 [N], row of each interaction.
+        users: int64 [N], user of each interaction.
         times: float64 [N], timestamp of each interaction.
 
     Returns:
         np.ndarray int64 [N].
     """
     order = np.argsort(times, kind="stable")
-    return order[np.argsort(user_rows[order], kind="stable")]
+    return order[np.argsort(users[order], kind="stable")]
+
+
+def _run_splits(sorted_values: np.ndarray) -> np.ndarray:
+    """Boundaries of the runs of equal values in a sorted array.
+
+    Args:
+        sorted_values: int64 [N], N >= 0, sorted.
+
+    Returns:
+        np.ndarray int64 [R + 1] for R runs: 0, run ends..., N.
+    """
+    if sorted_values.shape[0] == 0:
+        return np.zeros(1, dtype=np.int64)
+    starts = np.flatnonzero(sorted_values[1:] != sorted_values[:-1]) + 1
+    return np.concatenate(
+        [[0], starts, [sorted_values.shape[0]]]).astype(np.int64)
 
 
 def _reindex_items(raw_items: np.ndarray, item_order: str):

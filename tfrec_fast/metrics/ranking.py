@@ -31,9 +31,10 @@ a ``tf.function`` they become ``tf.debugging`` assertions that raise
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (
+    Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+)
 
 import numpy as np
 import tensorflow as tf
@@ -144,9 +145,9 @@ def _check_ids_in_range(ids: tf.Tensor, num_items: tf.Tensor, name: str) -> list
     """
     message = f"`{name}` must contain item ids in [0, C)"
     if tf.executing_eagerly():
-        values = ids.numpy()
-        if values.size:
-            low, high, c = int(values.min()), int(values.max()), int(num_items)
+        if tf.size(ids) > 0:
+            low, high = int(tf.reduce_min(ids)), int(tf.reduce_max(ids))
+            c = int(num_items)
             if low < 0 or high >= c:
                 raise ValueError(f"{message} with C = {c}; got min {low}, max {high}.")
         return []
@@ -286,7 +287,9 @@ def _sort_exclusions(exclude_splits: tf.Tensor, exclude_items: tf.Tensor) -> _Ex
     return _Exclusions(tf.gather(exclude_items, order), tf.gather(rows, order))
 
 
-def _block_exclusion_indices(exclusions: _Exclusions, start: tf.Tensor, end: tf.Tensor) -> tf.Tensor:
+def _block_exclusion_indices(
+    exclusions: _Exclusions, start: tf.Tensor, end: tf.Tensor
+) -> tf.Tensor:
     """Returns the exclusion pairs inside items ``[start, end)`` as block indices.
 
     Args:

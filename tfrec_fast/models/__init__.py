@@ -1,0 +1,4 @@
+"""Complete recommenders built from tfrec_fast layers and tasks."""
+
+from tfrec_fast.models.sasrec import last_window
+from tfrec_fast.models.sasrec import SASRec

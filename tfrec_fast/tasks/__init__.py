@@ -1,0 +1,3 @@
+"""tfrs.tasks-style loss layers."""
+
+from tfrec_fast.tasks.next_item import NextItemTask
