@@ -175,8 +175,8 @@ def _parse_float(field: str, what: str, path, line_no: int, line: str):
     try:
         return float(field)
     except ValueError:
-        raise _line_error(path, line_no, line,
-                          f"{what} {field.strip()!r} is not a number") from None
+        problem = f"{what} {field.strip()!r} is not a number"
+        raise _line_error(path, line_no, line, problem) from None
 
 
 def _line_error(path, line_no: int, line: str, problem: str) -> ValueError:

@@ -22,7 +22,8 @@ def _as_1d(name: str, values, dtype) -> np.ndarray:
             f"Interactions.{name} must be 1-D, got shape {array.shape}.")
     if dtype == np.int64 and array.size and array.dtype.kind not in "iu":
         raise ValueError(
-            f"Interactions.{name} must hold integers, got dtype {array.dtype}.")
+            f"Interactions.{name} must hold integers, got dtype "
+            f"{array.dtype}.")
     return array.astype(dtype, copy=False)
 
 

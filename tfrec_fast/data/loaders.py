@@ -77,7 +77,8 @@ def movielens_100k_path() -> pathlib.Path:
 def load_recbole_inter(path: os.PathLike) -> Interactions:
     """Loads a RecBole atomic `.inter` file.
 
-    Format: tab-separated, first line a header of `name:type` fields, e.g.
+    Format: tab-separated, the first non-blank line a header of `name:type`
+    fields, e.g.
     `user_id:token\\titem_id:token\\trating:float\\ttimestamp:float`. The
     fields `user_id` and `item_id` (integer tokens) are required, `timestamp`
     is optional (without it the line order is the time order); other fields
@@ -95,9 +96,10 @@ def load_recbole_inter(path: os.PathLike) -> Interactions:
             line or non-integer id (with file, line number and line text).
     """
     path = _existing_file(path)
-    header = _first_line(path)
-    if header is None:
+    first = _first_nonblank_line(path)
+    if first is None:
         raise ValueError(f"{path} contains no interactions.")
+    header_line_no, header = first
     fields = header.split("\t")
     names = [field.split(":", 1)[0].strip() for field in fields]
     types = [field.split(":", 1)[1].strip() if ":" in field else ""
@@ -105,7 +107,8 @@ def load_recbole_inter(path: os.PathLike) -> Interactions:
     for required in ("user_id", "item_id"):
         if required not in names:
             raise ValueError(
-                f"{path}, line 1: the RecBole header has no {required!r} "
+                f"{path}, line {header_line_no}: the RecBole header has no "
+                f"{required!r} "
                 f"field: {header!r}")
     fmt = TableFormat(
         delimiter="\t",
@@ -114,7 +117,7 @@ def load_recbole_inter(path: os.PathLike) -> Interactions:
         item_column=names.index("item_id"),
         time_column=names.index("timestamp") if "timestamp" in names else None,
         float_columns=tuple(j for j, t in enumerate(types) if t == "float"),
-        header_lines=1)
+        header_lines=header_line_no)
     return parse_interactions(path, fmt)
 
 
@@ -197,15 +200,10 @@ def _existing_file(path: os.PathLike) -> pathlib.Path:
     return path
 
 
-def _first_line(path: pathlib.Path):
-    """Returns the first line without its newline, or None for an empty file."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        line = f.readline()
-    return line.rstrip("\r\n") if line else None
-
-
 def _first_nonblank_line(path: pathlib.Path):
-    """Returns (1-based line number, text) of the first non-blank line, or None.
+    """Returns (1-based line number, text) of the first non-blank line.
+
+    Returns None when every line is blank (or the file is empty).
     """
     with open(path, encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, start=1):

@@ -41,7 +41,8 @@ class SequenceData:
         items = as_int64_1d("SequenceData.items", self.items)
         user_vocab = as_int64_1d("SequenceData.user_vocab", self.user_vocab)
         item_vocab = as_int64_1d("SequenceData.item_vocab", self.item_vocab)
-        if not isinstance(self.num_items, numbers.Integral) or self.num_items < 1:
+        num_items = self.num_items
+        if not isinstance(num_items, numbers.Integral) or num_items < 1:
             raise ValueError("SequenceData.num_items must be a positive "
                              f"integer, got {self.num_items!r}.")
         check_row_splits(row_splits, items.shape[0],
@@ -80,7 +81,10 @@ class SequenceData:
         return np.diff(self.row_splits)
 
     def sequence(self, u: int) -> np.ndarray:
-        """Returns row `u`: np.ndarray int64 [lengths[u]] (a view), oldest first.
+        """Returns row `u`, oldest first.
+
+        Returns:
+            np.ndarray int64 [lengths[u]], a view into `items`.
 
         Raises:
             IndexError: `u` is not in [0, num_users).

@@ -11,3 +11,7 @@ __all__ = [
     "ranking_metrics",
     "top_k_excluding",
 ]
+
+from tfrec_fast.metrics.callbacks import FullRankingEvaluation  # noqa: E402
+
+__all__.append("FullRankingEvaluation")
