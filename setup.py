@@ -52,6 +52,18 @@ class BuildOpLibrary(build_ext):
             ext.name)))
         _load_builder().build_op_library(out_dir, jobs=self.parallel or None)
 
+    def copy_extensions_to_source(self):
+        # Editable installs copy the library into the source tree; its build
+        # info must travel with it (the loader refuses a library without it).
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        if self.extensions:
+            built = os.path.join(self.build_lib, *OPS_PACKAGE.split("."))
+            package_dir = build_py.get_package_dir(OPS_PACKAGE)
+            self.copy_file(os.path.join(built, "_build_info.json"),
+                           os.path.join(package_dir, "_build_info.json"),
+                           level=self.verbose)
+
     def get_outputs(self):
         outputs = super().get_outputs()
         return outputs + [os.path.join(os.path.dirname(o), "_build_info.json")
