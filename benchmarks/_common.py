@@ -1,0 +1,46 @@
+"""Shared benchmark plumbing: argument parsing, timing, JSON and PNG output.
+
+Every benchmark writes a JSON list of records, one per measured
+configuration: {"impl": ..., "config": {...}, <figures>}; our implementations
+are named `tfrec_fast.*`, TensorFlow's own paths `tf.*`.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+
+def parse_args(description):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--json", default=None, help="write records here")
+    parser.add_argument("--png", default=None, help="write a plot here")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced set, under two minutes")
+    parser.add_argument("--repeats", type=int, default=5)
+    return parser.parse_args()
+
+
+def median_seconds(fn, repeats, warmup=1):
+    """Median wall time of `fn()` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write(records, args):
+    text = json.dumps(records, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
