@@ -7,6 +7,7 @@
 #include <string>
 
 #include "custom_ops/kernels/validate_ids.h"
+#include "custom_ops/tf/validate_ids_message.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -35,22 +36,6 @@ num_items: Scalar catalog size C.
 valid_ids: The same tensor as `ids`.
 arg_name: Name of the checked argument, used in the error message.
 )doc");
-
-// "[i, j, k]" for flat position `flat` in a tensor of shape `shape`.
-std::string MultiIndex(const TensorShape& shape, int64_t flat) {
-  std::vector<int64_t> index(shape.dims());
-  for (int d = shape.dims() - 1; d >= 0; --d) {
-    const int64_t size = shape.dim_size(d);
-    index[d] = flat % size;
-    flat /= size;
-  }
-  std::string out;
-  for (size_t d = 0; d < index.size(); ++d) {
-    if (d > 0) out += ", ";
-    out += std::to_string(index[d]);
-  }
-  return out;
-}
 
 template <typename Id>
 class ValidateIdsOp : public OpKernel {
@@ -89,13 +74,10 @@ class ValidateIdsOp : public OpKernel {
     workers->ParallelFor(n, /*cost_per_unit=*/2, scan);
 
     const int64_t bad = first_bad.load();
-    OP_REQUIRES(
-        ctx, bad == n,
-        errors::InvalidArgument(
-            arg_name_, "[", MultiIndex(ids.shape(), bad), "] = ",
-            static_cast<int64_t>(data[bad]), " is out of range [0, ",
-            num_items, "): the first bad id is at flat position ", bad,
-            " of ", arg_name_, " with shape ", ids.shape().DebugString()));
+    OP_REQUIRES(ctx, bad == n,
+                tfrec_fast_internal::OutOfRangeError(
+                    arg_name_, ids.shape(), bad,
+                    static_cast<int64_t>(data[bad]), num_items));
     ctx->set_output(0, ids);
   }
 
