@@ -1,6 +1,6 @@
-// The InvalidArgument message of TfrecFastValidateIds, shared by its CPU
-// (validate_ids_op.cc) and GPU (validate_ids_op_gpu.cc) kernels so both say
-// exactly the same thing.
+// Input checks and the InvalidArgument message of TfrecFastValidateIds, shared
+// by its CPU (validate_ids_op.cc) and GPU (validate_ids_op_gpu.cc) kernels so
+// both check and say exactly the same thing.
 #ifndef TFREC_FAST_TF_VALIDATE_IDS_MESSAGE_H_
 #define TFREC_FAST_TF_VALIDATE_IDS_MESSAGE_H_
 
@@ -8,11 +8,26 @@
 #include <string>
 #include <vector>
 
+#include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/platform/errors.h"
 
 namespace tensorflow {
 namespace tfrec_fast_internal {
+
+// Reads the scalar `num_items` input (host memory) into `*num_items`.
+inline Status ReadNumItems(const Tensor& num_items_t, int64_t* num_items) {
+  if (!TensorShapeUtils::IsScalar(num_items_t.shape())) {
+    return errors::InvalidArgument("num_items must be a scalar, got shape ",
+                                   num_items_t.shape().DebugString());
+  }
+  *num_items = num_items_t.scalar<int64_t>()();
+  if (*num_items < 0) {
+    return errors::InvalidArgument("num_items must be >= 0, got ",
+                                   *num_items);
+  }
+  return OkStatus();
+}
 
 // "[i, j, k]" for flat position `flat` in a tensor of shape `shape`.
 inline std::string MultiIndex(const TensorShape& shape, int64_t flat) {

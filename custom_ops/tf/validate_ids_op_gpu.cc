@@ -27,13 +27,9 @@ class ValidateIdsGpuOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& ids = ctx->input(0);
     const Tensor& num_items_t = ctx->input(1);  // HostMemory
-    OP_REQUIRES(ctx, TensorShapeUtils::IsScalar(num_items_t.shape()),
-                errors::InvalidArgument("num_items must be a scalar, got shape ",
-                                        num_items_t.shape().DebugString()));
-    const int64_t num_items = num_items_t.scalar<int64_t>()();
-    OP_REQUIRES(ctx, num_items >= 0,
-                errors::InvalidArgument("num_items must be >= 0, got ",
-                                        num_items));
+    int64_t num_items = 0;
+    OP_REQUIRES_OK(ctx,
+                   tfrec_fast_internal::ReadNumItems(num_items_t, &num_items));
     const int64_t n = ids.NumElements();
     if (n == 0) {
       ctx->set_output(0, ids);
