@@ -39,6 +39,8 @@ from typing import (
 import numpy as np
 import tensorflow as tf
 
+from tfrec_fast.ops.validate_ids import validate_ids
+
 __all__ = [
     "top_k_excluding",
     "rank_of_targets",
@@ -151,10 +153,9 @@ def _check_ids_in_range(ids: tf.Tensor, num_items: tf.Tensor, name: str) -> list
             if low < 0 or high >= c:
                 raise ValueError(f"{message} with C = {c}; got min {low}, max {high}.")
         return []
-    return [
-        tf.debugging.assert_non_negative(ids, message=message),
-        tf.debugging.assert_less(ids, num_items, message=message),
-    ]
+    # The project's one id check; its reference path uses core ops only, so
+    # this stays valid inside serving graphs.
+    return [validate_ids(ids, num_items, arg_name=name, use_fused=False)]
 
 
 def _check_splits(splits: tf.Tensor, nnz: tf.Tensor) -> list:
