@@ -7,7 +7,10 @@ _ensure_legacy_keras()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from tfrec_fast import data
+from tfrec_fast import distribute
+from tfrec_fast import losses
 from tfrec_fast import metrics
 from tfrec_fast import ops
+from tfrec_fast import samplers
 
 __version__ = "0.1.0"
