@@ -2,3 +2,4 @@
 
 from tfrec_fast.models.sasrec import last_window
 from tfrec_fast.models.sasrec import SASRec
+from tfrec_fast.models.two_tower import HistoryTwoTower

@@ -1,0 +1,65 @@
+"""Pieces shared by the example scripts: timing, memory, export check."""
+
+import resource
+import time
+
+import tensorflow as tf
+import tf_keras
+
+from tfrec_fast import export
+from tfrec_fast import metrics
+
+
+class EpochTimer(tf_keras.callbacks.Callback):
+    """Wall time of each epoch's training steps (evaluation excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process so far, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def export_and_verify(model, path, eval_set, max_len, k, num_requests=3):
+    """Exports `model`, serves a few histories in a fresh process and
+    compares the served top-k with the in-process model's.
+
+    Args:
+        model: a model with the `tfrec_fast.export` serving protocol and a
+            `query_embeddings(ragged histories)` method.
+        path: SavedModel directory.
+        eval_set: a `tfrec_fast.data.EvalSet` whose first histories are used
+            as requests.
+        max_len: histories are cut to their last `max_len` items.
+        k: items served.
+
+    Returns:
+        dict for results.json: path, num_op_types, unregistered_ops,
+        served_top_ids_match_model.
+    """
+    export.export_for_serving(model, path, k=k)
+    splits, items = eval_set.history_splits, eval_set.history_items
+    histories = [items[splits[u]:splits[u + 1]][-max_len:]
+                 for u in range(num_requests)]
+    width = max(len(h) for h in histories)
+    request_ids = [list(h) + [0] * (width - len(h)) for h in histories]
+    report = export.verify_servable(path, request_ids,
+                                    [len(h) for h in histories])
+    ragged = tf.ragged.stack([tf.constant(h, tf.int64) for h in histories])
+    expected, _ = metrics.top_k_excluding(
+        model.query_embeddings(ragged), model.serving_candidates()[0], k,
+        exclude_splits=ragged.row_splits, exclude_items=ragged.flat_values)
+    return {"path": path,
+            "num_op_types": report["num_op_types"],
+            "unregistered_ops": report["unregistered_ops"],
+            "served_top_ids_match_model":
+                report["top_ids"] == expected.numpy().tolist()}
