@@ -41,14 +41,16 @@ class HistoryTwoTower(tfrs.Model):
         super().__init__()
         self.num_items = num_items
         self.max_len = max_len
-        init = tf_keras.initializers.RandomNormal(stddev=dim ** -0.5)
+        def init():
+            return tf_keras.initializers.RandomNormal(stddev=dim ** -0.5)
+
         self.history_embedding = tf_keras.layers.Embedding(
-            num_items, dim, embeddings_initializer=init,
+            num_items, dim, embeddings_initializer=init(),
             name="history_embedding")
         self.query_projection = tf_keras.layers.Dense(dim,
                                                       name="query_projection")
         self.candidate_embedding = tf_keras.layers.Embedding(
-            num_items, dim, embeddings_initializer=init,
+            num_items, dim, embeddings_initializer=init(),
             name="candidate_embedding")
         self.task = task
 
