@@ -42,6 +42,9 @@ class OpLibrary:
     def library_path(self):
         return os.path.join(self.directory, LIBRARY_NAME)
 
+    # Plain Python file checks: keep AutoGraph from trying to convert them
+    # when the first op call happens inside a tf.function.
+    @tf.autograph.experimental.do_not_convert
     def module(self):
         """Returns the loaded op module, or None (after one warning)."""
         with self._lock:

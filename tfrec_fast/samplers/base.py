@@ -102,6 +102,8 @@ class CandidateSampler(tf_keras.layers.Layer):
             name="draw_counter", shape=[], dtype=tf.int64, trainable=False,
             initializer="zeros",
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # No inputs to build from: the state is complete here.
+        self.built = True
 
     def get_config(self):
         config = super().get_config()
@@ -149,6 +151,10 @@ class CandidateSampler(tf_keras.layers.Layer):
             raise ValueError(f"{type(self).__name__} draws depend on the "
                              "query; pass query [T, D]")
         if positives is not None:
+            positives = tf.convert_to_tensor(positives)
+            if positives.shape.rank is not None and positives.shape.rank != 1:
+                raise ValueError(f"positives must have rank 1 ([T]), got "
+                                 f"shape {positives.shape}")
             positives = validate_ids(positives, self.num_items,
                                      arg_name="positives")
         if shared:
