@@ -453,22 +453,29 @@ def test_in_batch_goodness_of_fit():
 def test_in_batch_candidates_and_num():
     sampler = InBatch(C)
     positives = tf.constant([4, 2, 4], tf.int32)
-    ids, log_q = sampler.sample(queries(3), 3, positives=positives)
+    ids, log_q = sampler.sample(queries(3), None, positives=positives)
     np.testing.assert_array_equal(ids.numpy(), [4, 2, 4])
     assert ids.dtype == tf.int64
     np.testing.assert_allclose(log_q.numpy(), [-np.log(3)] * 3, rtol=1e-6)
     with pytest.raises(ValueError, match="num"):
-        sampler.sample(queries(3), 5, positives=positives)
+        sampler.sample(queries(3), 0, positives=positives)
     with pytest.raises(ValueError, match="shared"):
         sampler.sample(queries(3), None, shared=False, positives=positives)
+    # num = K: K uniform draws from the positives, same per-draw log q.
+    ids, log_q = sampler.sample(queries(3), 2000, positives=positives)
+    assert ids.shape == [2000]
+    assert set(np.unique(ids.numpy())) == {2, 4}
+    np.testing.assert_allclose(np.mean(ids.numpy() == 4), 2 / 3, atol=0.04)
+    np.testing.assert_allclose(
+        log_q.numpy(), sampler.log_prob(queries(3), ids).numpy(), rtol=1e-6)
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.int32)])
     def dynamic(num):
         return sampler.sample(None, num, positives=positives)[0]
 
-    np.testing.assert_array_equal(dynamic(tf.constant(3)).numpy(), [4, 2, 4])
+    assert dynamic(tf.constant(7)).shape == [7]
     with pytest.raises(tf.errors.InvalidArgumentError, match="num"):
-        dynamic(tf.constant(2))
+        dynamic(tf.constant(0))
 
 
 def test_in_batch_under_mirrored_strategy():

@@ -211,16 +211,20 @@ class InBatch(CandidateSampler):
             query: optional [T, D] query rows; only checked against
                 the number of positives (the candidates do not depend on
                 it).
-            num: None, or T (the candidate count is always the number of
-                positives).
+            num: None for all T positives as candidates; an int K for K
+                uniform draws with replacement from the batch's positives
+                (for batches of many more positions than negatives wanted,
+                e.g. sequential models with ~10k positions per batch).
             shared: must be True: in-batch candidates are shared by every
                 row (use `Mixed` to add per-row draws).
             positives: int [T] positive ids of the batch (required).
             item_table: ignored.
 
         Returns:
-            (ids int64 [T], log_q float32 [T]): the positives and
-            log_q = -log(B) - log(T), read after this step's update.
+            (ids int64 [T] or [K], log_q float32 of the same shape): the
+            candidates and log_q = -log(B) - log(T), read after this step's
+            update (per draw: T q is the item's expected count among the T
+            positives, K q among K draws from them).
 
         Raises:
             ValueError: positives missing or not int [T], shared=False,
@@ -239,26 +243,22 @@ class InBatch(CandidateSampler):
         if query is not None:
             query = check_query(query, floating=False)
             checks += check_rows(query, rows, "InBatch")
-        if num is not None:
-            num = check_num(num)
-            static_rows = tf.get_static_value(rows)
-            if isinstance(num, int) and static_rows is not None:
-                if num != int(static_rows):
-                    raise ValueError(
-                        f"InBatch returns the T = {int(static_rows)} "
-                        f"positives of the batch as candidates; num must be "
-                        f"None or T, got num={num}")
-            else:
-                checks.append(tf.debugging.assert_equal(
-                    tf.cast(num, tf.int64), rows,
-                    message="InBatch returns the T positives of the batch as "
-                            "candidates; num must be None or T"))
         with tf.control_dependencies(checks):
             positives = tf.identity(positives)
         self._update(positives)
-        log_q = (self._log_expected_count(positives)
+        ids = positives
+        if num is not None:
+            # K uniform draws (with replacement) from the batch's positives:
+            # item j is drawn with probability count_j / T per draw, whose
+            # expectation is the same per-draw q as for the whole batch.
+            num = check_num(num)
+            picks = tf.random.stateless_uniform(
+                tf.reshape(tf.cast(num, tf.int32), [1]), self.next_seed(),
+                minval=0, maxval=rows, dtype=tf.int64)
+            ids = tf.gather(positives, picks)
+        log_q = (self._log_expected_count(ids)
                  - tf.math.log(tf.cast(rows, tf.float32)))
-        return positives, log_q
+        return ids, log_q
 
     def _update(self, positives):
         """One estimator step with the batch's positives (int64 [T])."""
