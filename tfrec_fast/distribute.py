@@ -45,7 +45,11 @@ def gather_across_replicas(values, differentiable=True):
         return values
     if not differentiable:
         values = tf.nest.map_structure(tf.stop_gradient, values)
-    return context.all_gather(values, axis=0)
+    # One all_gather per tensor: the gradient of a structure's all_gather
+    # all-reduces the gradients of all its tensors packed into one concat,
+    # which fails on mixed dtypes (e.g. int64 ids next to float embeddings).
+    return tf.nest.map_structure(lambda v: context.all_gather(v, axis=0),
+                                 values)
 
 
 def replica_row_offset(num_rows):
