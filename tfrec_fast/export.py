@@ -29,9 +29,11 @@ class _ServingModule(tf.Module):
 
     def __init__(self, model, k):
         super().__init__(name="tfrec_fast_serving")
-        self._model = model
-        # Track the variables themselves, not the Keras model: the SavedModel
-        # then holds only weights and the serving graph.
+        # Keep the model's methods, not the model: a tracked Keras model
+        # would be serialised too. The SavedModel holds only the variables
+        # (tracked here) and the serving graph.
+        self._serving_query = model.serving_query
+        self._serving_candidates = model.serving_candidates
         self.model_variables = list(model.variables)
         self.k = k
 
@@ -39,8 +41,8 @@ class _ServingModule(tf.Module):
         tf.TensorSpec([None, None], tf.int64, name="history_ids"),
         tf.TensorSpec([None], tf.int64, name="history_lengths")])
     def serve(self, history_ids, history_lengths):
-        queries = self._model.serving_query(history_ids, history_lengths)
-        table, bias = self._model.serving_candidates()
+        queries = self._serving_query(history_ids, history_lengths)
+        table, bias = self._serving_candidates()
         valid = tf.sequence_mask(history_lengths,
                                  tf.shape(history_ids, out_type=tf.int64)[1])
         exclude_items = tf.boolean_mask(history_ids, valid)
