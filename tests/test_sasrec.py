@@ -1,4 +1,5 @@
-"""The SASRec reference: training lowers the loss; export round trip."""
+"""SASRec, ragged (default) and padded encoders: training lowers the loss,
+both encoders compute the same function, export round trip."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import tf_keras
 import tfrec_fast  # noqa: F401
 from tfrec_fast import data
 from tfrec_fast import export
+from tfrec_fast import layers
 from tfrec_fast import metrics
 from tfrec_fast.models import SASRec
 from tfrec_fast.models import last_window
@@ -37,8 +39,12 @@ def _model(split, **kwargs):
     return model
 
 
-def test_fit_lowers_loss_and_learns_the_cycle(toy_split):
-    model = _model(toy_split)
+ENCODERS = ["ragged", "padded"]
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_fit_lowers_loss_and_learns_the_cycle(toy_split, encoder):
+    model = _model(toy_split, encoder=encoder)
     train = data.next_item_dataset(toy_split.train, batch_size=32, max_len=12)
     history = model.fit(train, epochs=15, verbose=0)
     losses = history.history["loss"]
@@ -61,14 +67,65 @@ def test_out_of_range_ids_fail_with_argument_name(toy_split):
         model.compute_loss(bad)
 
 
-def test_padded_and_ragged_paths_agree(toy_split):
-    model = _model(toy_split)
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_padded_and_ragged_paths_agree(toy_split, encoder):
+    model = _model(toy_split, encoder=encoder)
     ragged = tf.ragged.constant([[1, 4, 7], [2], [5, 8, 11, 14]], tf.int64)
     dense = ragged.to_tensor()
     np.testing.assert_allclose(
         model.query_embeddings(ragged).numpy(),
         model.serving_query(dense, ragged.row_lengths()).numpy(),
         rtol=1e-5, atol=1e-5)
+
+
+def test_default_encoder_is_ragged(toy_split):
+    model = _model(toy_split)
+    assert isinstance(model.encoder, layers.SequenceEncoder)
+    assert model.uses_ragged_encoder
+    padded = _model(toy_split, encoder="padded")
+    assert isinstance(padded.encoder, layers.PaddedSequenceEncoder)
+    assert not padded.uses_ragged_encoder
+    with pytest.raises(ValueError, match="encoder"):
+        _model(toy_split, encoder="flash")
+
+
+def test_encoder_layer_argument(toy_split):
+    # A layer instance is used as given (here a bidirectional encoder).
+    encoder = layers.SequenceEncoder(12, 16, num_blocks=1, num_heads=2,
+                                     dropout=0.0, causal=False)
+    model = _model(toy_split, encoder=encoder)
+    assert model.encoder is encoder
+    ragged = tf.ragged.constant([[1, 4, 7], [2, 5]], tf.int64)
+    assert model(ragged).shape.as_list() == [2, None, 16]
+    np.testing.assert_allclose(
+        model.query_embeddings(ragged).numpy(),
+        model.serving_query(ragged.to_tensor(), ragged.row_lengths()).numpy(),
+        rtol=1e-5, atol=1e-5)
+
+
+def test_ragged_and_padded_sasrec_equal_with_same_weights(toy_split):
+    ragged_model = _model(toy_split, encoder="ragged")
+    padded_model = _model(toy_split, encoder="padded")
+    batch = next(iter(data.next_item_dataset(toy_split.train, batch_size=16,
+                                             max_len=12)))
+    ragged_model.compute_loss(batch)
+    padded_model.compute_loss(batch)
+    padded_model.set_weights(ragged_model.get_weights())
+    losses, grads = [], []
+    for model in (ragged_model, padded_model):
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(batch)
+        losses.append(loss.numpy())
+        grads.append([tf.convert_to_tensor(g).numpy() for g in
+                      tape.gradient(loss, model.trainable_variables)])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    histories = tf.ragged.constant([[1, 4, 7], [], [5, 8, 11, 14]], tf.int64)
+    np.testing.assert_allclose(
+        ragged_model.query_embeddings(histories).numpy(),
+        padded_model.query_embeddings(histories).numpy(), rtol=1e-5,
+        atol=1e-5)
 
 
 def test_last_window_keeps_most_recent_items():
@@ -78,8 +135,9 @@ def test_last_window_keeps_most_recent_items():
     np.testing.assert_array_equal(lengths.numpy(), [3, 2])
 
 
-def test_export_round_trip_in_fresh_process(toy_split, tmp_path):
-    model = _model(toy_split)
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_export_round_trip_in_fresh_process(toy_split, tmp_path, encoder):
+    model = _model(toy_split, encoder=encoder)
     model.fit(data.next_item_dataset(toy_split.train, batch_size=32,
                                      max_len=12), epochs=2, verbose=0)
     path = export.export_for_serving(model, str(tmp_path / "sm"), k=5)

@@ -1,8 +1,11 @@
 """SASRec as a `tfrs.Model`: item embeddings -> sequence encoder -> next-item task.
 
-The reference configuration uses `PaddedSequenceEncoder` (stock tf_keras
-attention on padded input) and the full-softmax cross-entropy. Input and
-output item embeddings are shared, as in SASRec.
+The default encoder is the padding-free `SequenceEncoder` (ragged end to
+end: embedding lookup, blocks and loss all run on the packed tokens);
+`encoder="padded"` selects the reference `PaddedSequenceEncoder` (stock
+tf_keras attention on padded input). Both compute the same function. The
+default task is the full-softmax cross-entropy. Input and output item
+embeddings are shared, as in SASRec.
 """
 
 import tensorflow as tf
@@ -10,6 +13,7 @@ import tensorflow_recommenders as tfrs
 import tf_keras
 
 from tfrec_fast.layers.padded_transformer import PaddedSequenceEncoder
+from tfrec_fast.layers.sequence_encoder import SequenceEncoder
 from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.tasks.next_item import NextItemTask
 
@@ -48,16 +52,23 @@ class SASRec(tfrs.Model):
         num_blocks: transformer blocks.
         num_heads: attention heads.
         dropout: dropout rate.
-        encoder: optional encoder layer with the `PaddedSequenceEncoder`
-            interface; defaults to the padded reference.
+        encoder: "ragged" (default, None means the same): the padding-free
+            `SequenceEncoder`; "padded": the reference
+            `PaddedSequenceEncoder`; or an encoder layer with either
+            interface: ragged (`layer(ragged [B, (L), D]) -> ragged` plus
+            `call_padded(dense [B, L, D], lengths [B]) -> [B, L, D]` in core
+            TF ops, for serving) or padded (`layer(dense, lengths)`).
         task: optional `NextItemTask`; defaults to full-softmax CE.
+        use_fused: for the default ragged encoder: fused attention op True /
+            False / None (pick). Serving always uses the pure-TF reference.
 
     Inputs to `compute_loss` / `fit` are dicts with `item_ids` and `targets`,
     both int64 `tf.RaggedTensor` [B, (L)] with equal row lengths.
     """
 
     def __init__(self, num_items, max_len=200, dim=64, num_blocks=2,
-                 num_heads=1, dropout=0.2, encoder=None, task=None):
+                 num_heads=1, dropout=0.2, encoder="ragged", task=None,
+                 use_fused=None):
         super().__init__()
         self.num_items = num_items
         self.max_len = max_len
@@ -65,9 +76,22 @@ class SASRec(tfrs.Model):
             num_items, dim, name="item_embedding",
             embeddings_initializer=tf_keras.initializers.RandomNormal(
                 stddev=dim ** -0.5))
-        self.encoder = encoder or PaddedSequenceEncoder(
-            max_len, dim, num_blocks=num_blocks, num_heads=num_heads,
-            dropout=dropout)
+        if encoder is None or isinstance(encoder, str):
+            if encoder in (None, "ragged"):
+                encoder = SequenceEncoder(
+                    max_len, dim, num_blocks=num_blocks, num_heads=num_heads,
+                    dropout=dropout, causal=True, use_fused=use_fused)
+            elif encoder == "padded":
+                encoder = PaddedSequenceEncoder(
+                    max_len, dim, num_blocks=num_blocks, num_heads=num_heads,
+                    dropout=dropout)
+            else:
+                raise ValueError(f"SASRec: encoder must be 'ragged', 'padded'"
+                                 f" or a layer, got {encoder!r}")
+        self.encoder = encoder
+        # Ragged encoders run ragged end to end and serve via call_padded.
+        self.uses_ragged_encoder = callable(getattr(encoder, "call_padded",
+                                                    None))
         self.task = task or NextItemTask()
 
     @property
@@ -85,8 +109,11 @@ class SASRec(tfrs.Model):
             lengths: int64 [B].
 
         Returns:
-            float [B, L, D].
+            float [B, L, D]; positions past `lengths` are zero.
         """
+        if self.uses_ragged_encoder:
+            return self.encoder.call_padded(self.item_embedding(ids), lengths,
+                                            training=training)
         return self.encoder(self.item_embedding(ids), lengths,
                             training=training)
 
@@ -99,6 +126,11 @@ class SASRec(tfrs.Model):
         Returns:
             float RaggedTensor [B, (L), D].
         """
+        if self.uses_ragged_encoder:
+            # Lookup on the packed ids; nothing is padded on this path.
+            embedded = item_ids.with_flat_values(
+                self.item_embedding(item_ids.flat_values))  # [B, (L), D]
+            return self.encoder(embedded, training=training)
         lengths = item_ids.row_lengths()
         hidden = self.encode_padded(item_ids.to_tensor(), lengths,
                                     training=training)
@@ -118,6 +150,11 @@ class SASRec(tfrs.Model):
             item_ids: int64 RaggedTensor [B, (L)] histories.
         """
         item_ids = item_ids[:, -self.max_len:]
+        if self.uses_ragged_encoder:
+            hidden = self(item_ids, training=False)  # [B, (L), D]
+            # Last token of each row; an empty row gives zeros.
+            last = hidden[:, -1:].to_tensor(shape=[None, 1, None])
+            return last[:, 0]
         dense, lengths = item_ids.to_tensor(), item_ids.row_lengths()
         hidden = self.encode_padded(dense, lengths, training=False)
         return tf.gather(hidden, tf.maximum(lengths - 1, 0), batch_dims=1)

@@ -8,5 +8,7 @@ after one `OpLibraryWarning`.
 from tfrec_fast.ops._library import build_info
 from tfrec_fast.ops._library import OpLibrary
 from tfrec_fast.ops._library import OpLibraryWarning
+from tfrec_fast.ops.ragged_attention import ragged_attention
+from tfrec_fast.ops.ragged_attention import ragged_attention_reference
 from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.ops.validate_ids import validate_ids_reference

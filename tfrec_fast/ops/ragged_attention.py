@@ -8,11 +8,20 @@ sequence (and, when causal, only to itself and earlier ones).
 `ragged_attention_reference` is the pure-TF meaning of the op: it pads the
 batch to its longest row in memory, which is what the fused op avoids. It is
 the test oracle and the serving path (core ops only).
+
+`ragged_attention` runs the fused op TfrecFastRaggedAttention
+(custom_ops/kernels/ragged_attention.h: per (sequence, head) tiles, online
+softmax, no padding, no [L, L] matrix) when the op library is loaded, and the
+reference otherwise; its gradient is the fused TfrecFastRaggedAttentionGrad,
+which recomputes the probabilities from the saved per-row log-sum-exp.
 """
 
 import math
+import warnings
 
 import tensorflow as tf
+
+from tfrec_fast.ops import _library
 
 
 def check_packed(queries, keys, values, row_splits):
@@ -94,3 +103,109 @@ def ragged_attention_reference(queries, keys, values, row_splits,
     out = tf.transpose(out, [0, 2, 1, 3])  # [B, L, H, Dv]
     packed = tf.RaggedTensor.from_tensor(out, lengths=lengths).flat_values
     return tf.cast(packed, dtype)
+
+
+# Dtypes the fused op takes (half and bfloat16 are computed in float32).
+_FUSED_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
+_stale_library_warned = []
+
+
+@tf.autograph.experimental.do_not_convert
+def _fused_module(use_fused):
+    """The loaded op module if it has the attention ops, else None."""
+    module = _library.DEFAULT_LIBRARY.module()
+    if module is not None and not hasattr(module,
+                                          "tfrec_fast_ragged_attention"):
+        problem = (f"the op library {_library.DEFAULT_LIBRARY.library_path} "
+                   "was built without TfrecFastRaggedAttention (an older "
+                   "build).")
+        if use_fused:
+            raise RuntimeError(f"use_fused=True but {problem}")
+        if not _stale_library_warned:
+            _stale_library_warned.append(True)
+            warnings.warn(f"tfrec_fast: {problem} Using the pure-TF "
+                          "reference; rebuild the library.",
+                          _library.OpLibraryWarning, stacklevel=3)
+        return None
+    if module is None and use_fused:
+        raise RuntimeError("use_fused=True but the op library is not "
+                           "loaded: " + str(_library.build_info()))
+    return module
+
+
+def ragged_attention(queries, keys, values, row_splits, causal=True,
+                     scale=None, use_fused=None):
+    """Softmax attention within each packed sequence, without padding.
+
+    Same meaning as `ragged_attention_reference`; runs the fused op from the
+    compiled library (multi-threaded CPU kernel, never pads, keeps only a
+    per-row log-sum-exp for the backward) when it is loaded, else the
+    reference after one `OpLibraryWarning`. Differentiable with respect to
+    queries, keys and values. Custom ops have no XLA kernels: do not call it
+    under `jit_compile=True`.
+
+    Args:
+        queries: float [T, H, Dh] packed queries.
+        keys: float [T, H, Dh] packed keys.
+        values: float [T, H, Dv] packed values.
+        row_splits: int32/int64 [B + 1] sequence boundaries (row_splits[0]
+            = 0, non-decreasing, row_splits[B] = T), e.g. a RaggedTensor's
+            `row_splits`.
+        causal: token i sees tokens j <= i of its sequence; else all of them.
+        scale: score multiplier; default 1 / sqrt(Dh).
+        use_fused: True to require the fused op (raises if it is not built
+            or does not take the dtype), False to force the reference, None
+            to pick (the fused op for float32/float16/bfloat16 when loaded).
+
+    Returns:
+        [T, H, Dv] of the input dtype.
+
+    Raises:
+        ValueError: ranks, shapes or dtypes that do not fit together.
+        tf.errors.InvalidArgumentError: (fused op) row_splits that do not
+            start at 0, decrease, or do not end at T; shapes that only turn
+            out wrong at run time. The message names the argument.
+    """
+    queries, keys, values = (tf.convert_to_tensor(x)
+                             for x in (queries, keys, values))
+    row_splits = tf.convert_to_tensor(row_splits)
+    check_packed(queries, keys, values, row_splits)
+    module = None if use_fused is False else _fused_module(use_fused)
+    if module is None:
+        return ragged_attention_reference(queries, keys, values, row_splits,
+                                          causal=causal, scale=scale)
+    if queries.dtype not in _FUSED_DTYPES:
+        if use_fused:
+            raise ValueError(
+                "use_fused=True: the fused ragged_attention takes float32, "
+                f"float16 or bfloat16 queries/keys/values, got "
+                f"{queries.dtype.name}")
+        return ragged_attention_reference(queries, keys, values, row_splits,
+                                          causal=causal, scale=scale)
+    if scale is None:
+        head_dim = queries.shape[-1]
+        if head_dim is None:
+            raise ValueError("scale=None needs a static head dimension Dh "
+                             f"(queries shape {queries.shape}); pass scale")
+        scale = 1.0 / math.sqrt(head_dim)
+    if row_splits.dtype not in (tf.int32, tf.int64):
+        row_splits = tf.cast(row_splits, tf.int64)
+    out, _ = module.tfrec_fast_ragged_attention(
+        queries, keys, values, row_splits, causal=bool(causal),
+        scale=float(scale))
+    return out
+
+
+@tf.RegisterGradient("TfrecFastRaggedAttention")
+def _ragged_attention_grad(op, d_out, d_logsumexp):
+    """dq, dk, dv from the fused backward; logsumexp carries no gradient."""
+    del d_logsumexp
+    queries, keys, values, row_splits = op.inputs
+    if d_out is None:
+        return (tf.zeros_like(queries), tf.zeros_like(keys),
+                tf.zeros_like(values), None)
+    module = _library.DEFAULT_LIBRARY.module()
+    d_queries, d_keys, d_values = module.tfrec_fast_ragged_attention_grad(
+        queries, keys, values, row_splits, op.outputs[0], op.outputs[1],
+        d_out, causal=op.get_attr("causal"), scale=op.get_attr("scale"))
+    return d_queries, d_keys, d_values, None

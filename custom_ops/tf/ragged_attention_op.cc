@@ -1,0 +1,409 @@
+// TfrecFastRaggedAttention / TfrecFastRaggedAttentionGrad: padding-free
+// softmax attention over packed sequences (values + row_splits), CPU kernels
+// from custom_ops/kernels/ragged_attention.h on TF's intra-op thread pool.
+//
+// Half and bfloat16 inputs are converted to float32 for the kernel and the
+// results back (the reference computes in float32 as well); logsumexp is
+// always float32.
+#define EIGEN_USE_THREADS
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "custom_ops/kernels/ragged_attention.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/platform/errors.h"
+
+namespace tensorflow {
+namespace {
+
+using shape_inference::DimensionHandle;
+using shape_inference::InferenceContext;
+using shape_inference::ShapeHandle;
+
+// Checks ranks and matching dimensions of queries [T, H, Dh], keys
+// [T, H, Dh], values [T, H, Dv] and row_splits [B + 1]. Sets *q (merged
+// queries/keys shape) and *v (values shape merged on [T, H]).
+Status PackedShapes(InferenceContext* c, ShapeHandle* q, ShapeHandle* v) {
+  ShapeHandle k, splits;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, q));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &k));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 3, v));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 1, &splits));
+  TF_RETURN_IF_ERROR(c->Merge(*q, k, q));
+  DimensionHandle t, h;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(*q, 0), c->Dim(*v, 0), &t));
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(*q, 1), c->Dim(*v, 1), &h));
+  TF_RETURN_IF_ERROR(c->ReplaceDim(*q, 0, t, q));
+  TF_RETURN_IF_ERROR(c->ReplaceDim(*q, 1, h, q));
+  TF_RETURN_IF_ERROR(c->ReplaceDim(*v, 0, t, v));
+  TF_RETURN_IF_ERROR(c->ReplaceDim(*v, 1, h, v));
+  return OkStatus();
+}
+
+REGISTER_OP("TfrecFastRaggedAttention")
+    .Input("queries: T")
+    .Input("keys: T")
+    .Input("values: T")
+    .Input("row_splits: Tsplits")
+    .Output("out: T")
+    .Output("logsumexp: float")
+    .Attr("T: {float, half, bfloat16}")
+    .Attr("Tsplits: {int32, int64} = DT_INT64")
+    .Attr("causal: bool = true")
+    .Attr("scale: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle q, v;
+      TF_RETURN_IF_ERROR(PackedShapes(c, &q, &v));
+      c->set_output(0, v);
+      c->set_output(1, c->Matrix(c->Dim(q, 0), c->Dim(q, 1)));
+      return OkStatus();
+    })
+    .Doc(R"doc(
+Softmax attention within each packed sequence, without padding.
+
+Token i of sequence b (tokens [row_splits[b], row_splits[b + 1])) attends to
+the tokens j of the same sequence with j <= i (causal) or to all of them:
+out_i = sum_j softmax_j(scale * q_i . k_j) v_j.
+
+queries: [T, H, Dh] packed queries.
+keys: [T, H, Dh] packed keys.
+values: [T, H, Dv] packed values.
+row_splits: [B + 1] sequence boundaries: 0, non-decreasing, ending at T.
+out: [T, H, Dv] attention output.
+logsumexp: [T, H] float32 log sum_j exp(scale * q_i . k_j) (for the gradient).
+causal: Whether token i sees only tokens j <= i of its sequence.
+scale: Score multiplier (usually 1 / sqrt(Dh)).
+)doc");
+
+REGISTER_OP("TfrecFastRaggedAttentionGrad")
+    .Input("queries: T")
+    .Input("keys: T")
+    .Input("values: T")
+    .Input("row_splits: Tsplits")
+    .Input("out: T")
+    .Input("logsumexp: float")
+    .Input("d_out: T")
+    .Output("d_queries: T")
+    .Output("d_keys: T")
+    .Output("d_values: T")
+    .Attr("T: {float, half, bfloat16}")
+    .Attr("Tsplits: {int32, int64} = DT_INT64")
+    .Attr("causal: bool = true")
+    .Attr("scale: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle q, v, out, d_out, lse;
+      TF_RETURN_IF_ERROR(PackedShapes(c, &q, &v));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 3, &out));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(5), 2, &lse));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(6), 3, &d_out));
+      TF_RETURN_IF_ERROR(c->Merge(v, out, &v));
+      TF_RETURN_IF_ERROR(c->Merge(v, d_out, &v));
+      c->set_output(0, q);
+      c->set_output(1, q);
+      c->set_output(2, v);
+      return OkStatus();
+    })
+    .Doc(R"doc(
+Gradient of TfrecFastRaggedAttention with respect to queries, keys and values
+(logsumexp is treated as an auxiliary output without gradient).
+
+out: The forward op's `out`.
+logsumexp: The forward op's `logsumexp`.
+d_out: [T, H, Dv] gradient of the loss with respect to `out`.
+)doc");
+
+// "queries [T, H, Dh]" style checks shared by both kernels.
+Status CheckPacked(const Tensor& q, const Tensor& k, const Tensor& v,
+                   const Tensor& splits) {
+  const struct {
+    const char* name;
+    const Tensor* t;
+    const char* layout;
+  } packed[] = {{"queries", &q, "[T, H, Dh]"},
+                {"keys", &k, "[T, H, Dh]"},
+                {"values", &v, "[T, H, Dv]"}};
+  for (const auto& p : packed) {
+    if (p.t->dims() != 3) {
+      return errors::InvalidArgument(p.name, " must be packed ", p.layout,
+                                     " (rank 3), got shape ",
+                                     p.t->shape().DebugString());
+    }
+  }
+  if (k.shape() != q.shape()) {
+    return errors::InvalidArgument("keys ", k.shape().DebugString(),
+                                   " must have the shape of queries ",
+                                   q.shape().DebugString());
+  }
+  if (v.dim_size(0) != q.dim_size(0) || v.dim_size(1) != q.dim_size(1)) {
+    return errors::InvalidArgument(
+        "values ", v.shape().DebugString(),
+        " must have the [T, H] of queries and keys ",
+        q.shape().DebugString());
+  }
+  if (splits.dims() != 1 || splits.dim_size(0) < 1) {
+    return errors::InvalidArgument(
+        "row_splits must be a vector [B + 1] with at least one entry, got "
+        "shape ",
+        splits.shape().DebugString());
+  }
+  return OkStatus();
+}
+
+// Reads row_splits (int32 or int64) into int64 and validates it.
+Status ReadRowSplits(const Tensor& splits, int64_t num_tokens,
+                     std::vector<int64_t>* out) {
+  const int64_t n = splits.dim_size(0);
+  out->resize(n);
+  if (splits.dtype() == DT_INT32) {
+    const auto flat = splits.flat<int32>();
+    for (int64_t i = 0; i < n; ++i) (*out)[i] = flat(i);
+  } else {
+    const auto flat = splits.flat<int64_t>();
+    for (int64_t i = 0; i < n; ++i) (*out)[i] = flat(i);
+  }
+  const std::string problem = tfrec_fast::kernels::CheckRowSplits(
+      out->data(), n - 1, num_tokens, "row_splits");
+  if (!problem.empty()) return errors::InvalidArgument(problem);
+  return OkStatus();
+}
+
+// A float32 view of `t`: the tensor itself for float, else a converted copy.
+template <typename T>
+Status AsFloat(OpKernelContext* ctx, const Tensor& t, Tensor* out) {
+  if constexpr (std::is_same<T, float>::value) {
+    *out = t;
+    return OkStatus();
+  } else {
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_FLOAT, t.shape(), out));
+    out->flat<float>().device(ctx->eigen_cpu_device()) =
+        t.flat<T>().template cast<float>();
+    return OkStatus();
+  }
+}
+
+// Output `index` of type T, written through a float32 buffer `*buffer`
+// (the output itself for float; copied back by FromFloat otherwise).
+template <typename T>
+Status AllocateOutput(OpKernelContext* ctx, int index,
+                      const TensorShape& shape, Tensor** output,
+                      Tensor* buffer) {
+  TF_RETURN_IF_ERROR(ctx->allocate_output(index, shape, output));
+  if constexpr (std::is_same<T, float>::value) {
+    *buffer = **output;
+    return OkStatus();
+  }
+  return ctx->allocate_temp(DT_FLOAT, shape, buffer);
+}
+
+template <typename T>
+void FromFloat(OpKernelContext* ctx, const Tensor& buffer, Tensor* output) {
+  if constexpr (!std::is_same<T, float>::value) {
+    output->flat<T>().device(ctx->eigen_cpu_device()) =
+        buffer.flat<float>().template cast<T>();
+  }
+}
+
+tfrec_fast::kernels::RaggedAttentionDims Dims(const Tensor& q,
+                                              const Tensor& v, bool causal,
+                                              float scale) {
+  tfrec_fast::kernels::RaggedAttentionDims dims;
+  dims.num_tokens = q.dim_size(0);
+  dims.num_heads = q.dim_size(1);
+  dims.head_dim = q.dim_size(2);
+  dims.value_dim = v.dim_size(2);
+  dims.causal = causal;
+  dims.scale = scale;
+  return dims;
+}
+
+// Runs `worker(&next)` on up to NumThreads() threads of the intra-op pool
+// (each pulls items from the shared counter).
+template <typename Fn>
+void RunWorkers(OpKernelContext* ctx, int64_t num_items, Fn worker) {
+  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  std::atomic<int64_t> next(0);
+  const int64_t tasks = std::min<int64_t>(pool->NumThreads(), num_items);
+  if (tasks <= 1) {
+    worker(&next);
+    return;
+  }
+  // A huge cost per unit makes ParallelFor run one task per unit.
+  pool->ParallelFor(tasks, /*cost_per_unit=*/int64_t{1} << 40,
+                    [&](int64_t begin, int64_t end) {
+                      for (int64_t i = begin; i < end; ++i) worker(&next);
+                    });
+}
+
+template <typename T>
+class RaggedAttentionOp : public OpKernel {
+ public:
+  explicit RaggedAttentionOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("causal", &causal_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& q = ctx->input(0);
+    const Tensor& k = ctx->input(1);
+    const Tensor& v = ctx->input(2);
+    const Tensor& splits = ctx->input(3);
+    OP_REQUIRES_OK(ctx, CheckPacked(q, k, v, splits));
+    std::vector<int64_t> row_splits;
+    OP_REQUIRES_OK(ctx, ReadRowSplits(splits, q.dim_size(0), &row_splits));
+    const auto dims = Dims(q, v, causal_, scale_);
+
+    Tensor *out = nullptr, *lse = nullptr;
+    Tensor out_f;
+    OP_REQUIRES_OK(ctx, AllocateOutput<T>(ctx, 0, v.shape(), &out, &out_f));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            1, TensorShape({dims.num_tokens, dims.num_heads}),
+                            &lse));
+    if (dims.num_tokens == 0 || dims.num_heads == 0) return;
+    Tensor qf, kf, vf;
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, q, &qf));
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, k, &kf));
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, v, &vf));
+
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    const auto plan = tfrec_fast::kernels::PlanRaggedAttention(
+        row_splits.data(), static_cast<int64_t>(row_splits.size()) - 1, dims,
+        pool->NumThreads());
+    tfrec_fast::kernels::RaggedAttentionForwardArgs args;
+    args.q = qf.flat<float>().data();
+    args.k = kf.flat<float>().data();
+    args.v = vf.flat<float>().data();
+    args.out = out_f.flat<float>().data();
+    args.lse = lse->flat<float>().data();
+    RunWorkers(ctx, static_cast<int64_t>(plan.items.size()),
+               [&](std::atomic<int64_t>* next) {
+                 tfrec_fast::kernels::RaggedAttentionForwardWorker(
+                     dims, args, plan, next);
+               });
+    FromFloat<T>(ctx, out_f, out);
+  }
+
+ private:
+  bool causal_;
+  float scale_;
+};
+
+template <typename T>
+class RaggedAttentionGradOp : public OpKernel {
+ public:
+  explicit RaggedAttentionGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("causal", &causal_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& q = ctx->input(0);
+    const Tensor& k = ctx->input(1);
+    const Tensor& v = ctx->input(2);
+    const Tensor& splits = ctx->input(3);
+    const Tensor& out = ctx->input(4);
+    const Tensor& lse = ctx->input(5);
+    const Tensor& d_out = ctx->input(6);
+    OP_REQUIRES_OK(ctx, CheckPacked(q, k, v, splits));
+    OP_REQUIRES(ctx, out.shape() == v.shape(),
+                errors::InvalidArgument(
+                    "out ", out.shape().DebugString(),
+                    " must have the shape of values ",
+                    v.shape().DebugString()));
+    OP_REQUIRES(ctx, d_out.shape() == v.shape(),
+                errors::InvalidArgument(
+                    "d_out ", d_out.shape().DebugString(),
+                    " must have the shape of values ",
+                    v.shape().DebugString()));
+    OP_REQUIRES(ctx,
+                lse.dims() == 2 && lse.dim_size(0) == q.dim_size(0) &&
+                    lse.dim_size(1) == q.dim_size(1),
+                errors::InvalidArgument(
+                    "logsumexp must be [T, H] = [", q.dim_size(0), ", ",
+                    q.dim_size(1), "], got shape ", lse.shape().DebugString()));
+    std::vector<int64_t> row_splits;
+    OP_REQUIRES_OK(ctx, ReadRowSplits(splits, q.dim_size(0), &row_splits));
+    const auto dims = Dims(q, v, causal_, scale_);
+
+    Tensor *dq = nullptr, *dk = nullptr, *dv = nullptr;
+    Tensor dq_f, dk_f, dv_f;
+    OP_REQUIRES_OK(ctx, AllocateOutput<T>(ctx, 0, q.shape(), &dq, &dq_f));
+    OP_REQUIRES_OK(ctx, AllocateOutput<T>(ctx, 1, k.shape(), &dk, &dk_f));
+    OP_REQUIRES_OK(ctx, AllocateOutput<T>(ctx, 2, v.shape(), &dv, &dv_f));
+    if (dims.num_tokens == 0 || dims.num_heads == 0) return;
+    Tensor qf, kf, vf, of, df;
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, q, &qf));
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, k, &kf));
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, v, &vf));
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, out, &of));
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, d_out, &df));
+
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    const auto plan = tfrec_fast::kernels::PlanRaggedAttention(
+        row_splits.data(), static_cast<int64_t>(row_splits.size()) - 1, dims,
+        pool->NumThreads());
+    Tensor workspace;
+    if (plan.workspace_floats > 0) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(
+                              DT_FLOAT, TensorShape({plan.workspace_floats}),
+                              &workspace));
+    }
+    tfrec_fast::kernels::RaggedAttentionBackwardArgs args;
+    args.q = qf.flat<float>().data();
+    args.k = kf.flat<float>().data();
+    args.v = vf.flat<float>().data();
+    args.out = of.flat<float>().data();
+    args.lse = lse.flat<float>().data();
+    args.d_out = df.flat<float>().data();
+    args.dq = dq_f.flat<float>().data();
+    args.dk = dk_f.flat<float>().data();
+    args.dv = dv_f.flat<float>().data();
+    args.workspace =
+        plan.workspace_floats > 0 ? workspace.flat<float>().data() : nullptr;
+    RunWorkers(ctx, static_cast<int64_t>(plan.items.size()),
+               [&](std::atomic<int64_t>* next) {
+                 tfrec_fast::kernels::RaggedAttentionBackwardWorker(
+                     dims, args, plan, next);
+               });
+    const int64_t units = static_cast<int64_t>(plan.reduce_units.size());
+    if (units > 0) {
+      const int64_t width = dims.head_dim + dims.value_dim;
+      pool->ParallelFor(units, /*cost_per_unit=*/64 * 4 * width,
+                        [&](int64_t begin, int64_t end) {
+                          tfrec_fast::kernels::RaggedAttentionReduce(
+                              dims, args, plan, begin, end);
+                        });
+    }
+    FromFloat<T>(ctx, dq_f, dq);
+    FromFloat<T>(ctx, dk_f, dk);
+    FromFloat<T>(ctx, dv_f, dv);
+  }
+
+ private:
+  bool causal_;
+  float scale_;
+};
+
+#define REGISTER_CPU(T)                                                   \
+  REGISTER_KERNEL_BUILDER(                                                \
+      Name("TfrecFastRaggedAttention").Device(DEVICE_CPU).TypeConstraint<T>( \
+          "T"),                                                           \
+      RaggedAttentionOp<T>);                                              \
+  REGISTER_KERNEL_BUILDER(Name("TfrecFastRaggedAttentionGrad")            \
+                              .Device(DEVICE_CPU)                         \
+                              .TypeConstraint<T>("T"),                    \
+                          RaggedAttentionGradOp<T>);
+REGISTER_CPU(float);
+REGISTER_CPU(Eigen::half);
+REGISTER_CPU(bfloat16);
+#undef REGISTER_CPU
+
+}  // namespace
+}  // namespace tensorflow
