@@ -3,11 +3,15 @@
 import resource
 import time
 
+import numpy as np
 import tensorflow as tf
 import tf_keras
 
 from tfrec_fast import export
 from tfrec_fast import metrics
+from tfrec_fast import samplers
+
+SAMPLERS = ("uniform", "log-uniform", "unigram", "in-batch", "mixed")
 
 
 class EpochTimer(tf_keras.callbacks.Callback):
@@ -63,3 +67,37 @@ def export_and_verify(model, path, eval_set, max_len, k, num_requests=3):
             "unregistered_ops": report["unregistered_ops"],
             "served_top_ids_match_model":
                 report["top_ids"] == expected.numpy().tolist()}
+
+
+def item_counts(train, num_items):
+    """int64 [C]: how often each item occurs in the training sequences."""
+    return np.bincount(train.items, minlength=num_items).astype(np.int64)
+
+
+def make_sampler(name, train, num_items, unigram_alpha=0.75, seed=0):
+    """A sampler by its command-line name.
+
+    Args:
+        name: one of SAMPLERS. log-uniform relies on ids sorted by decreasing
+            training frequency (`data.to_sequences` does that); unigram is
+            (count + 1)^alpha over `train`'s items (pseudo-count 1: items
+            seen only in validation / test have count 0); mixed is in-batch
+            followed by uniform draws.
+        train: SequenceData of the training sequences.
+        num_items: catalog size C.
+        unigram_alpha: exponent of the unigram sampler.
+        seed: the sampler's seed.
+    """
+    if name == "uniform":
+        return samplers.Uniform(num_items, seed=seed)
+    if name == "log-uniform":
+        return samplers.LogUniform(num_items, seed=seed)
+    if name == "unigram":
+        return samplers.Unigram(item_counts(train, num_items),
+                                alpha=unigram_alpha, smoothing=1.0, seed=seed)
+    if name == "in-batch":
+        return samplers.InBatch(num_items, seed=seed)
+    if name == "mixed":
+        return samplers.Mixed(samplers.InBatch(num_items, seed=seed),
+                              samplers.Uniform(num_items, seed=seed + 1))
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")

@@ -5,8 +5,9 @@
 1. Loads ML-100k from the installed recbole wheel, builds per-user
    sequences, splits leave-one-out (last item test, second-to-last
    validation).
-2. Trains the SASRec reference (stock tf_keras attention on padded input,
-   full-softmax cross-entropy) with `model.fit`, evaluating validation
+2. Trains SASRec (padding-free ragged transformer blocks with the fused
+   attention op by default, `--encoder padded` for the stock tf_keras
+   reference on padded input; full-softmax cross-entropy) with `model.fit`, evaluating validation
    HR@10 / NDCG@10 over the full catalog (history excluded) every few
    epochs, early-stopping on validation NDCG@10 and keeping the best weights.
 3. Reports validation and test HR@10 / NDCG@10 / MRR@10, seconds per epoch
@@ -14,42 +15,45 @@
 4. Exports a SavedModel (dense history ids + lengths -> top-k unseen items)
    to OUT/saved_model and checks it in a fresh Python process that cannot
    import tfrec_fast.
+
+`--loss sampled` trains with a sampled softmax instead of the full-catalog
+cross-entropy (the default, unchanged):
+
+    python examples/sasrec_movielens.py --loss sampled --sampler unigram \
+        --unigram-alpha 0.75 --negatives 256
+
+`--sampler` picks the negatives: uniform, log-uniform (ids are sorted by
+decreasing training frequency, so it approximates popularity), unigram
+((count + 1)^alpha over the training sequences' items), in-batch (the
+batch's target items, log q from a streaming frequency estimate, the
+positive corrected by its log q as well) or mixed (in-batch + uniform).
+The K = `--negatives` (default 256) drawn negatives are shared by every
+position of a batch. For in-batch, `--negatives K` draws K of the batch's
+~10k target positions; without it all of them are candidates.
 """
 
 import argparse
 import json
+import math
 import os
-import resource
 import statistics
 import sys
-import time
 
 import tfrec_fast  # selects tf_keras; must come before tensorflow
-import tensorflow as tf
 import tf_keras
 
+import _common
 from tfrec_fast import data
-from tfrec_fast import export
 from tfrec_fast import metrics
+from tfrec_fast.losses import SampledSoftmax
 from tfrec_fast.models import SASRec
+from tfrec_fast.tasks import NextItemTask
 
-
-class EpochTimer(tf_keras.callbacks.Callback):
-    """Wall time of each epoch's training steps (evaluation excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+LOSSES = ("full", "sampled")
+DEFAULT_NEGATIVES = 256
+# Samplers whose candidates include positives drawn with the batch: their
+# positive logit is corrected by its log q too.
+IN_BATCH = ("in-batch", "mixed")
 
 
 def parse_args(argv=None):
@@ -70,7 +74,71 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", type=int, default=1,
                    help="Keras fit verbosity (1 = progress bar)")
-    return p.parse_args(argv)
+    p.add_argument("--encoder", choices=("ragged", "padded"),
+                   default="ragged",
+                   help="padding-free ragged blocks with the fused attention "
+                        "op (default) or the padded tf_keras reference")
+    p.add_argument("--loss", choices=LOSSES, default="full",
+                   help="full-catalog softmax CE (default) or sampled softmax")
+    p.add_argument("--sampler", choices=_common.SAMPLERS, default=None,
+                   help="negative sampler of --loss sampled (default "
+                        "uniform)")
+    p.add_argument("--negatives", type=int, default=None,
+                   help="K, drawn negatives per batch (shared by all "
+                        "positions) of --loss sampled (default 256; with "
+                        "--sampler in-batch the default is all T target "
+                        "positions of the batch, K draws K of them)")
+    p.add_argument("--unigram-alpha", type=float, default=0.75,
+                   help="exponent of --sampler unigram: (count + 1)^alpha")
+    args = p.parse_args(argv)
+    if args.sampler is None and args.loss == "sampled":
+        args.sampler = "uniform"
+    if (args.negatives is None and args.loss == "sampled"
+            and args.sampler != "in-batch"):
+        args.negatives = DEFAULT_NEGATIVES
+    if args.negatives is not None and args.negatives <= 0:
+        p.error(f"--negatives must be a positive integer, got "
+                f"{args.negatives}")
+    if not (math.isfinite(args.unigram_alpha) and args.unigram_alpha >= 0):
+        p.error(f"--unigram-alpha must be a finite number >= 0, got "
+                f"{args.unigram_alpha}")
+    return args
+
+
+def build_task(args, train, num_items):
+    """The NextItemTask of `--loss` (None: the model's full-softmax default).
+
+    Sampled: `SampledSoftmax(sampler, K)` with per-position losses, the
+    positive corrected by its log q only for in-batch candidates (which are
+    positives of other positions, drawn with the batch; K is then None: all
+    T of them).
+    """
+    if args.loss == "full":
+        return None
+    sampler = _common.make_sampler(args.sampler, train, num_items,
+                                   unigram_alpha=args.unigram_alpha,
+                                   seed=args.seed)
+    return NextItemTask(SampledSoftmax(
+        sampler, args.negatives, shared=True,
+        correct_positive=args.sampler in IN_BATCH,
+        reduction=tf_keras.losses.Reduction.NONE))
+
+
+def describe_loss(args):
+    """The loss part of results.json."""
+    if args.loss == "full":
+        return {"loss": "full"}
+    described = {"loss": "sampled", "sampler": args.sampler,
+                 "negatives": (args.negatives if args.negatives is not None
+                               else "all T target positions of the batch"),
+                 "shared_negatives": True,
+                 "correct_positive": args.sampler in IN_BATCH,
+                 "remove_accidental_hits": True}
+    if args.sampler == "unigram":
+        described.update(unigram_alpha=args.unigram_alpha,
+                         unigram_smoothing=1.0,
+                         unigram_counts="training sequences' items")
+    return described
 
 
 def main(argv=None):
@@ -90,9 +158,10 @@ def main(argv=None):
 
     model = SASRec(split.num_items, max_len=args.max_len, dim=args.dim,
                    num_blocks=args.blocks, num_heads=args.heads,
-                   dropout=args.dropout)
+                   dropout=args.dropout, encoder=args.encoder,
+                   task=build_task(args, split.train, split.num_items))
     model.compile(optimizer=tf_keras.optimizers.Adam(args.lr))
-    timer = EpochTimer()
+    timer = _common.EpochTimer()
     evaluation = metrics.FullRankingEvaluation(
         model.query_embeddings, lambda: model.item_table, validation,
         every=args.eval_every, monitor="NDCG@10", patience=args.patience,
@@ -102,9 +171,14 @@ def main(argv=None):
 
     results = {
         "dataset": "ml-100k",
-        "model": "SASRec reference (padded tf_keras MultiHeadAttention, "
-                 "full softmax CE)",
+        "model": ("SASRec, ragged blocks + fused attention op, "
+                  if args.encoder == "ragged" else
+                  "SASRec reference (padded tf_keras MultiHeadAttention), ")
+                 + ("full softmax CE" if args.loss == "full" else
+                    f"sampled softmax, {args.sampler}, "
+                    f"K={args.negatives or 'T'}"),
         "config": vars(args),
+        "loss": describe_loss(args),
         "epochs_trained": len(timer.seconds),
         "best_epoch": evaluation.best_epoch,
         "seconds_per_epoch": statistics.median(timer.seconds),
@@ -117,27 +191,11 @@ def main(argv=None):
         "op_library": tfrec_fast.ops.build_info(),
     }
 
-    saved_model = os.path.join(args.out, "saved_model")
-    export.export_for_serving(model, saved_model, k=args.k)
-    # Ask the exported model for the test users' top-k and compare with the
-    # in-process model on the same histories.
-    sample = split.test.history_splits, split.test.history_items
-    histories = [sample[1][sample[0][u]:sample[0][u + 1]][-args.max_len:]
-                 for u in range(3)]
-    width = max(len(h) for h in histories)
-    request_ids = [list(h) + [0] * (width - len(h)) for h in histories]
-    report = export.verify_servable(saved_model, request_ids,
-                                    [len(h) for h in histories])
-    ragged = tf.ragged.stack([tf.constant(h, tf.int64) for h in histories])
-    expected, _ = metrics.top_k_excluding(
-        model.query_embeddings(ragged), model.item_table, args.k,
-        exclude_splits=ragged.row_splits, exclude_items=ragged.flat_values)
-    served_matches = report["top_ids"] == expected.numpy().tolist()
-    results["export"] = {"path": saved_model,
-                         "num_op_types": report["num_op_types"],
-                         "unregistered_ops": report["unregistered_ops"],
-                         "served_top_ids_match_model": served_matches}
-    results["peak_rss_mb"] = peak_rss_mb()
+    results["export"] = _common.export_and_verify(
+        model, os.path.join(args.out, "saved_model"), split.test,
+        args.max_len, args.k)
+    served_matches = results["export"]["served_top_ids_match_model"]
+    results["peak_rss_mb"] = _common.peak_rss_mb()
 
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)

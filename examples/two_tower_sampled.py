@@ -17,25 +17,19 @@ import os
 import statistics
 import sys
 
-import numpy as np
-
 import tfrec_fast  # selects tf_keras; must come before tensorflow
 import tf_keras
 
 import _common
 from tfrec_fast import data
 from tfrec_fast import metrics
-from tfrec_fast import samplers
 from tfrec_fast.models import HistoryTwoTower
 from tfrec_fast.tasks import SampledRetrieval
-
-SAMPLERS = ("uniform", "log-uniform", "unigram", "in-batch", "mixed")
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results/two_tower_ml100k")
-    p.add_argument("--sampler", choices=SAMPLERS, default="unigram")
+    p.add_argument("--sampler", choices=_common.SAMPLERS, default="unigram")
     p.add_argument("--negatives", type=int, default=256,
                    help="K sampled negatives per batch (shared by its rows); "
                         "for in-batch, the batch's positives are the "
@@ -57,21 +51,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_sampler(name, num_items, train_counts, alpha, seed):
-    """The sampler named on the command line."""
-    if name == "uniform":
-        return samplers.Uniform(num_items, seed=seed)
-    if name == "log-uniform":  # ids are sorted by popularity (to_sequences)
-        return samplers.LogUniform(num_items, seed=seed)
-    if name == "unigram":
-        return samplers.Unigram(train_counts, alpha=alpha, smoothing=1.0,
-                                seed=seed)
-    in_batch = samplers.InBatch(num_items, seed=seed)
-    if name == "in-batch":
-        return in_batch
-    return samplers.Mixed(in_batch, samplers.Uniform(num_items, seed=seed + 1))
-
-
 def main(argv=None):
     args = parse_args(argv)
     tf_keras.utils.set_random_seed(args.seed)
@@ -83,10 +62,9 @@ def main(argv=None):
     validation = data.eval_dataset(split.validation, batch_size=512,
                                    max_len=args.max_len)
     test = data.eval_dataset(split.test, batch_size=512, max_len=args.max_len)
-    counts = np.bincount(split.train.items, minlength=split.num_items)
-
-    sampler = make_sampler(args.sampler, split.num_items, counts,
-                           args.unigram_alpha, args.seed)
+    sampler = _common.make_sampler(args.sampler, split.train,
+                                   split.num_items, args.unigram_alpha,
+                                   args.seed)
     in_batch = args.sampler in ("in-batch", "mixed")
     model = HistoryTwoTower(split.num_items, task=None, dim=args.dim,
                             max_len=args.max_len)
