@@ -29,20 +29,6 @@ def example():
     return module
 
 
-@pytest.fixture(scope="module")
-def toy_split():
-    rng = np.random.default_rng(0)
-    num_items, users, items, times = 30, [], [], []
-    for user in range(60):
-        start, length = rng.integers(num_items), rng.integers(4, 12)
-        users += [user] * length
-        items += [(start + 3 * step) % num_items for step in range(length)]
-        times += list(range(length))
-    interactions = data.Interactions(np.array(users), np.array(items),
-                                     np.array(times, np.float64))
-    return data.leave_one_out(data.to_sequences(interactions))
-
-
 def test_default_is_the_full_softmax(example):
     args = example.parse_args([])
     assert args.loss == "full"

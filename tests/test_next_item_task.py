@@ -18,22 +18,6 @@ from tfrec_fast.tasks import NextItemTask
 Reduction = tf_keras.losses.Reduction
 
 
-@pytest.fixture(scope="module")
-def toy_split():
-    # Users walk a cycle of items, so the next item is predictable.
-    rng = np.random.default_rng(0)
-    num_items, users, items, times = 30, [], [], []
-    for user in range(120):
-        start, length = rng.integers(num_items), rng.integers(4, 14)
-        users += [user] * length
-        items += [(start + 3 * step) % num_items for step in range(length)]
-        times += list(range(length))
-    interactions = data.Interactions(np.array(users), np.array(items),
-                                     np.array(times, np.float64))
-    return data.leave_one_out(data.to_sequences(interactions,
-                                                item_order="raw"))
-
-
 def _sampled_model(split, seed=0):
     tf_keras.utils.set_random_seed(seed)
     task = NextItemTask(SampledSoftmax(samplers.Uniform(split.num_items,

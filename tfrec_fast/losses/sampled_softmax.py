@@ -21,6 +21,8 @@ so are pushed down less per draw: their corrected logit goes *down*
 import tensorflow as tf
 import tf_keras
 
+from tfrec_fast._serialization import config_with_layers
+
 from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.samplers.base import check_num
 from tfrec_fast import distribute
@@ -231,10 +233,8 @@ class SampledSoftmax(tf_keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["sampler"] = tf_keras.layers.deserialize(
-            config["sampler"], custom_objects=custom_objects)
-        return cls(**config)
+        return cls(**config_with_layers(config, ("sampler",),
+                                        custom_objects))
 
     def call(self, hidden, item_table, positives, sample_weight=None,
              listed_positives=None, item_bias=None, sampler_query=None):

@@ -5,6 +5,8 @@ import math
 import tensorflow as tf
 import tf_keras
 
+from tfrec_fast._serialization import config_with_layers
+
 from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.samplers.base import CandidateSampler
 from tfrec_fast.samplers.base import check_num
@@ -99,10 +101,7 @@ class HardNegatives(CandidateSampler):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["base"] = tf_keras.layers.deserialize(
-            config["base"], custom_objects=custom_objects)
-        return cls(**config)
+        return cls(**config_with_layers(config, ("base",), custom_objects))
 
     def _check_num(self, num):
         num = check_num(num)

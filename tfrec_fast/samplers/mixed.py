@@ -3,6 +3,8 @@
 import tensorflow as tf
 import tf_keras
 
+from tfrec_fast._serialization import config_with_layers
+
 from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.samplers.base import CandidateSampler
 from tfrec_fast.samplers.base import check_num
@@ -119,11 +121,8 @@ class Mixed(CandidateSampler):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        for key in ("in_batch", "other"):
-            config[key] = tf_keras.layers.deserialize(
-                config[key], custom_objects=custom_objects)
-        return cls(**config)
+        return cls(**config_with_layers(config, ("in_batch", "other"),
+                                        custom_objects))
 
     def sample(self, query, num, shared=True, positives=None,
                item_table=None):

@@ -3,6 +3,7 @@
 import tensorflow as tf
 import tf_keras
 
+from tfrec_fast._serialization import config_with_layers
 from tfrec_fast import distribute
 from tfrec_fast.losses.full_softmax import full_softmax_cross_entropy
 from tfrec_fast.ops.validate_ids import validate_ids
@@ -65,11 +66,8 @@ class NextItemTask(tf_keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        if config.get("loss_fn") is not None:
-            config["loss_fn"] = tf_keras.layers.deserialize(
-                config["loss_fn"], custom_objects=custom_objects)
-        return cls(**config)
+        return cls(**config_with_layers(config, ("loss_fn",),
+                                        custom_objects))
 
     def call(self, hidden, item_table, targets, sample_weight=None):
         """Computes the loss.

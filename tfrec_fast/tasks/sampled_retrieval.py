@@ -33,6 +33,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 import tf_keras
 
+from tfrec_fast._serialization import config_with_layers
 from tfrec_fast import distribute
 from tfrec_fast.losses.sampled_softmax import accidental_hits
 from tfrec_fast.losses.sampled_softmax import check_reduction
@@ -238,12 +239,8 @@ class SampledRetrieval(tf_keras.layers.Layer, tfrs.tasks.base.Task):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        for key in ("sampler", "candidate_tower"):
-            if config.get(key) is not None:
-                config[key] = tf_keras.layers.deserialize(
-                    config[key], custom_objects=custom_objects)
-        return cls(**config)
+        return cls(**config_with_layers(
+            config, ("sampler", "candidate_tower"), custom_objects))
 
     # ------------------------------------------------------------------ call
 
