@@ -5,7 +5,6 @@ import math
 import pathlib
 import sys
 
-import numpy as np
 import pytest
 
 import tfrec_fast  # noqa: F401
