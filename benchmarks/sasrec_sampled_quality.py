@@ -17,7 +17,8 @@ figures test_HR@10, test_NDCG@10, val_HR@10, val_NDCG@10, best_epoch,
 epochs_trained, seconds_per_epoch (median training time of an epoch,
 evaluation excluded), wall_seconds (the whole run, export included).
 
-`--quick`: K = 64 only (and in-batch), 2 epochs, validation every epoch.
+`--quick`: uniform at K = 64 and in-batch (K = 64 and T) only, 1 epoch,
+validation every epoch (a smoke run: the figures mean nothing).
 """
 
 import argparse
@@ -42,17 +43,19 @@ def parse_args():
     p.add_argument("--json", default=None, help="write records here")
     p.add_argument("--png", default=None, help="write a plot here")
     p.add_argument("--quick", action="store_true",
-                   help="K = 64 only, 2 epochs (a few minutes)")
+                   help="uniform and in-batch at K = 64 (and in-batch at "
+                        "K = T), 1 epoch (smoke run)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per configuration (seeds 0, 1, ...); figures "
                         "are per run")
     p.add_argument("--epochs", type=int, default=None,
                    help="maximum epochs per run (default: the example's "
-                        "200, early stopping decides; quick 2)")
+                        "200, early stopping decides; quick 1)")
     p.add_argument("--ks", type=int, nargs="+", default=None,
                    help="K values (default 64 256, quick 64)")
-    p.add_argument("--samplers", nargs="+",
-                   default=["uniform", "unigram", "in-batch"])
+    p.add_argument("--samplers", nargs="+", default=None,
+                   help="default uniform unigram in-batch (quick: uniform "
+                        "in-batch)")
     p.add_argument("--unigram-alpha", type=float, default=0.75)
     p.add_argument("--encoder", choices=("padded", "ragged"),
                    default="padded")
@@ -186,7 +189,10 @@ def plot(records, path):
 def main():
     args = parse_args()
     if args.quick and args.epochs is None:
-        args.epochs = 2
+        args.epochs = 1
+    if args.samplers is None:
+        args.samplers = (["uniform", "in-batch"] if args.quick
+                         else ["uniform", "unigram", "in-batch"])
     configs = configurations(args)
     work = args.work_dir or tempfile.mkdtemp(prefix="sasrec_sampled_")
     records = []
