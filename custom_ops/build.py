@@ -154,7 +154,9 @@ def _tf_exports_cudart(link_flags):
                 "__cudaRegisterFunction", "__cudaPushCallConfiguration",
                 "__cudaPopCallConfiguration", "cudaLaunchKernel",
                 "cudaMemcpyAsync", "cudaMemsetAsync", "cudaStreamSynchronize",
-                "cudaGetLastError", "cudaGetErrorString"))
+                "cudaGetLastError", "cudaGetErrorString", "cudaGetErrorName",
+                "cudaFuncSetAttribute", "cudaSetDevice", "cudaGetDevice",
+                "cudaDeviceGetAttribute"))
     return False
 
 
