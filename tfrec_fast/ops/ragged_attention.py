@@ -140,8 +140,8 @@ def ragged_attention(queries, keys, values, row_splits, causal=True,
     Same meaning as `ragged_attention_reference`; runs the fused op from the
     compiled library (a multi-threaded CPU kernel, and a CUDA kernel in GPU
     builds; never pads, keeps only a per-row log-sum-exp for the backward)
-    when it is loaded, else the reference after one `OpLibraryWarning`. Differentiable with respect to
-    queries, keys and values. Custom ops have no XLA kernels: do not call it
+    when it is loaded, else the reference after one `OpLibraryWarning`.
+    Differentiable with respect to queries, keys and values. Custom ops have no XLA kernels: do not call it
     under `jit_compile=True`.
 
     Args:
