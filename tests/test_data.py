@@ -388,7 +388,7 @@ def test_to_sequences_errors():
         data.to_sequences(empty)
 
 
-@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
 @hypothesis.given(
     st.lists(st.tuples(st.integers(0, 5), st.integers(0, 7),
                        st.integers(0, 3)), min_size=1, max_size=40),

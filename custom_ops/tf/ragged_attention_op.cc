@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "custom_ops/kernels/ragged_attention.h"
+#include "custom_ops/tf/ragged_attention_checks.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -23,6 +24,8 @@
 
 namespace tensorflow {
 namespace {
+
+using tfrec_fast_internal::CheckPacked;
 
 using shape_inference::DimensionHandle;
 using shape_inference::InferenceContext;
@@ -119,43 +122,6 @@ out: The forward op's `out`.
 logsumexp: The forward op's `logsumexp`.
 d_out: [T, H, Dv] gradient of the loss with respect to `out`.
 )doc");
-
-// "queries [T, H, Dh]" style checks shared by both kernels.
-Status CheckPacked(const Tensor& q, const Tensor& k, const Tensor& v,
-                   const Tensor& splits) {
-  const struct {
-    const char* name;
-    const Tensor* t;
-    const char* layout;
-  } packed[] = {{"queries", &q, "[T, H, Dh]"},
-                {"keys", &k, "[T, H, Dh]"},
-                {"values", &v, "[T, H, Dv]"}};
-  for (const auto& p : packed) {
-    if (p.t->dims() != 3) {
-      return errors::InvalidArgument(p.name, " must be packed ", p.layout,
-                                     " (rank 3), got shape ",
-                                     p.t->shape().DebugString());
-    }
-  }
-  if (k.shape() != q.shape()) {
-    return errors::InvalidArgument("keys ", k.shape().DebugString(),
-                                   " must have the shape of queries ",
-                                   q.shape().DebugString());
-  }
-  if (v.dim_size(0) != q.dim_size(0) || v.dim_size(1) != q.dim_size(1)) {
-    return errors::InvalidArgument(
-        "values ", v.shape().DebugString(),
-        " must have the [T, H] of queries and keys ",
-        q.shape().DebugString());
-  }
-  if (splits.dims() != 1 || splits.dim_size(0) < 1) {
-    return errors::InvalidArgument(
-        "row_splits must be a vector [B + 1] with at least one entry, got "
-        "shape ",
-        splits.shape().DebugString());
-  }
-  return OkStatus();
-}
 
 // Reads row_splits (int32 or int64) into int64 and validates it.
 Status ReadRowSplits(const Tensor& splits, int64_t num_tokens,

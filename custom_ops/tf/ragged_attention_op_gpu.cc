@@ -24,6 +24,7 @@
 
 #include "custom_ops/kernels/ragged_attention.h"
 #include "custom_ops/kernels/ragged_attention_gpu.h"
+#include "custom_ops/tf/ragged_attention_checks.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
@@ -48,40 +49,10 @@ constexpr rak::RaggedAttentionGpuType GpuType() {
   }
 }
 
-// The same checks and messages as CheckPacked in ragged_attention_op.cc.
+// CheckPacked (shared with the CPU kernels), then the GPU kernels' limits.
 Status CheckPackedGpu(const Tensor& q, const Tensor& k, const Tensor& v,
                       const Tensor& splits) {
-  const struct {
-    const char* name;
-    const Tensor* t;
-    const char* layout;
-  } packed[] = {{"queries", &q, "[T, H, Dh]"},
-                {"keys", &k, "[T, H, Dh]"},
-                {"values", &v, "[T, H, Dv]"}};
-  for (const auto& p : packed) {
-    if (p.t->dims() != 3) {
-      return errors::InvalidArgument(p.name, " must be packed ", p.layout,
-                                     " (rank 3), got shape ",
-                                     p.t->shape().DebugString());
-    }
-  }
-  if (k.shape() != q.shape()) {
-    return errors::InvalidArgument("keys ", k.shape().DebugString(),
-                                   " must have the shape of queries ",
-                                   q.shape().DebugString());
-  }
-  if (v.dim_size(0) != q.dim_size(0) || v.dim_size(1) != q.dim_size(1)) {
-    return errors::InvalidArgument(
-        "values ", v.shape().DebugString(),
-        " must have the [T, H] of queries and keys ",
-        q.shape().DebugString());
-  }
-  if (splits.dims() != 1 || splits.dim_size(0) < 1) {
-    return errors::InvalidArgument(
-        "row_splits must be a vector [B + 1] with at least one entry, got "
-        "shape ",
-        splits.shape().DebugString());
-  }
+  TF_RETURN_IF_ERROR(tfrec_fast_internal::CheckPacked(q, k, v, splits));
   // Limits of the GPU kernels (the CPU kernels have none of these).
   if (q.dim_size(2) > rak::kRaggedAttentionGpuMaxHeadDim ||
       v.dim_size(2) > rak::kRaggedAttentionGpuMaxHeadDim) {

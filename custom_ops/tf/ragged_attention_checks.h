@@ -1,0 +1,54 @@
+// Input checks of TfrecFastRaggedAttention(Grad), shared by the CPU
+// (ragged_attention_op.cc) and GPU (ragged_attention_op_gpu.cc) kernels so
+// both check and say exactly the same thing.
+#ifndef TFREC_FAST_TF_RAGGED_ATTENTION_CHECKS_H_
+#define TFREC_FAST_TF_RAGGED_ATTENTION_CHECKS_H_
+
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/platform/errors.h"
+
+namespace tensorflow {
+namespace tfrec_fast_internal {
+
+// "queries [T, H, Dh]" style shape checks of both ops, CPU and GPU.
+inline Status CheckPacked(const Tensor& q, const Tensor& k, const Tensor& v,
+                          const Tensor& splits) {
+  const struct {
+    const char* name;
+    const Tensor* t;
+    const char* layout;
+  } packed[] = {{"queries", &q, "[T, H, Dh]"},
+                {"keys", &k, "[T, H, Dh]"},
+                {"values", &v, "[T, H, Dv]"}};
+  for (const auto& p : packed) {
+    if (p.t->dims() != 3) {
+      return errors::InvalidArgument(p.name, " must be packed ", p.layout,
+                                     " (rank 3), got shape ",
+                                     p.t->shape().DebugString());
+    }
+  }
+  if (k.shape() != q.shape()) {
+    return errors::InvalidArgument("keys ", k.shape().DebugString(),
+                                   " must have the shape of queries ",
+                                   q.shape().DebugString());
+  }
+  if (v.dim_size(0) != q.dim_size(0) || v.dim_size(1) != q.dim_size(1)) {
+    return errors::InvalidArgument(
+        "values ", v.shape().DebugString(),
+        " must have the [T, H] of queries and keys ",
+        q.shape().DebugString());
+  }
+  if (splits.dims() != 1 || splits.dim_size(0) < 1) {
+    return errors::InvalidArgument(
+        "row_splits must be a vector [B + 1] with at least one entry, got "
+        "shape ",
+        splits.shape().DebugString());
+  }
+  return OkStatus();
+}
+
+}  // namespace tfrec_fast_internal
+}  // namespace tensorflow
+
+#endif  // TFREC_FAST_TF_RAGGED_ATTENTION_CHECKS_H_
