@@ -28,6 +28,25 @@ class EpochTimer(tf_keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
+def fit_with_early_stopping(model, train, validation, args):
+    """Adam(args.lr) + `model.fit` with validation NDCG@10 over the full
+    catalog every `args.eval_every` epochs, early stopping after
+    `args.patience` evaluations without improvement, best weights restored.
+
+    Returns:
+        (EpochTimer, FullRankingEvaluation) callbacks after training.
+    """
+    model.compile(optimizer=tf_keras.optimizers.Adam(args.lr))
+    timer = EpochTimer()
+    evaluation = metrics.FullRankingEvaluation(
+        model.query_embeddings, lambda: model.item_table, validation,
+        every=args.eval_every, monitor="NDCG@10", patience=args.patience,
+        restore_best_weights=True)
+    model.fit(train, epochs=args.epochs, callbacks=[timer, evaluation],
+              verbose=args.verbose)
+    return timer, evaluation
+
+
 def peak_rss_mb():
     """Peak resident memory of this process so far, MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -160,14 +160,8 @@ def main(argv=None):
                    num_blocks=args.blocks, num_heads=args.heads,
                    dropout=args.dropout, encoder=args.encoder,
                    task=build_task(args, split.train, split.num_items))
-    model.compile(optimizer=tf_keras.optimizers.Adam(args.lr))
-    timer = _common.EpochTimer()
-    evaluation = metrics.FullRankingEvaluation(
-        model.query_embeddings, lambda: model.item_table, validation,
-        every=args.eval_every, monitor="NDCG@10", patience=args.patience,
-        restore_best_weights=True)
-    model.fit(train, epochs=args.epochs, callbacks=[timer, evaluation],
-              verbose=args.verbose)
+    timer, evaluation = _common.fit_with_early_stopping(model, train,
+                                                        validation, args)
 
     results = {
         "dataset": "ml-100k",

@@ -73,14 +73,8 @@ def main(argv=None):
         else args.negatives,
         candidate_tower=model.candidate_embedding,
         correct_positive=in_batch, temperature=args.temperature)
-    model.compile(optimizer=tf_keras.optimizers.Adam(args.lr))
-    timer = _common.EpochTimer()
-    evaluation = metrics.FullRankingEvaluation(
-        model.query_embeddings, lambda: model.item_table, validation,
-        every=args.eval_every, monitor="NDCG@10", patience=args.patience,
-        restore_best_weights=True)
-    model.fit(train, epochs=args.epochs, callbacks=[timer, evaluation],
-              verbose=args.verbose)
+    timer, evaluation = _common.fit_with_early_stopping(model, train,
+                                                        validation, args)
 
     results = {
         "dataset": "ml-100k",
