@@ -4,6 +4,11 @@
 #ifndef TFREC_FAST_TF_RAGGED_ATTENTION_CHECKS_H_
 #define TFREC_FAST_TF_RAGGED_ATTENTION_CHECKS_H_
 
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "custom_ops/kernels/ragged_attention.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/platform/errors.h"
@@ -45,6 +50,48 @@ inline Status CheckPacked(const Tensor& q, const Tensor& k, const Tensor& v,
         "shape ",
         splits.shape().DebugString());
   }
+  return OkStatus();
+}
+
+// Shapes of the gradient op's extra inputs: out and d_out [T, H, Dv],
+// logsumexp [T, H].
+inline Status CheckGradInputs(const Tensor& q, const Tensor& v,
+                              const Tensor& out, const Tensor& lse,
+                              const Tensor& d_out) {
+  if (out.shape() != v.shape()) {
+    return errors::InvalidArgument("out ", out.shape().DebugString(),
+                                   " must have the shape of values ",
+                                   v.shape().DebugString());
+  }
+  if (d_out.shape() != v.shape()) {
+    return errors::InvalidArgument("d_out ", d_out.shape().DebugString(),
+                                   " must have the shape of values ",
+                                   v.shape().DebugString());
+  }
+  if (lse.dims() != 2 || lse.dim_size(0) != q.dim_size(0) ||
+      lse.dim_size(1) != q.dim_size(1)) {
+    return errors::InvalidArgument("logsumexp must be [T, H] = [",
+                                   q.dim_size(0), ", ", q.dim_size(1),
+                                   "], got shape ", lse.shape().DebugString());
+  }
+  return OkStatus();
+}
+
+// Reads row_splits (int32 or int64) into int64 and validates it.
+inline Status ReadRowSplits(const Tensor& splits, int64_t num_tokens,
+                            std::vector<int64_t>* out) {
+  const int64_t n = splits.dim_size(0);
+  out->resize(n);
+  if (splits.dtype() == DT_INT32) {
+    const auto flat = splits.flat<int32>();
+    for (int64_t i = 0; i < n; ++i) (*out)[i] = flat(i);
+  } else {
+    const auto flat = splits.flat<int64_t>();
+    for (int64_t i = 0; i < n; ++i) (*out)[i] = flat(i);
+  }
+  const std::string problem = tfrec_fast::kernels::CheckRowSplits(
+      out->data(), n - 1, num_tokens, "row_splits");
+  if (!problem.empty()) return errors::InvalidArgument(problem);
   return OkStatus();
 }
 

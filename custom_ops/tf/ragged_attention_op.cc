@@ -25,7 +25,9 @@
 namespace tensorflow {
 namespace {
 
+using tfrec_fast_internal::CheckGradInputs;
 using tfrec_fast_internal::CheckPacked;
+using tfrec_fast_internal::ReadRowSplits;
 
 using shape_inference::DimensionHandle;
 using shape_inference::InferenceContext;
@@ -122,24 +124,6 @@ out: The forward op's `out`.
 logsumexp: The forward op's `logsumexp`.
 d_out: [T, H, Dv] gradient of the loss with respect to `out`.
 )doc");
-
-// Reads row_splits (int32 or int64) into int64 and validates it.
-Status ReadRowSplits(const Tensor& splits, int64_t num_tokens,
-                     std::vector<int64_t>* out) {
-  const int64_t n = splits.dim_size(0);
-  out->resize(n);
-  if (splits.dtype() == DT_INT32) {
-    const auto flat = splits.flat<int32>();
-    for (int64_t i = 0; i < n; ++i) (*out)[i] = flat(i);
-  } else {
-    const auto flat = splits.flat<int64_t>();
-    for (int64_t i = 0; i < n; ++i) (*out)[i] = flat(i);
-  }
-  const std::string problem = tfrec_fast::kernels::CheckRowSplits(
-      out->data(), n - 1, num_tokens, "row_splits");
-  if (!problem.empty()) return errors::InvalidArgument(problem);
-  return OkStatus();
-}
 
 // A float32 view of `t`: the tensor itself for float, else a converted copy.
 template <typename T>
@@ -278,22 +262,7 @@ class RaggedAttentionGradOp : public OpKernel {
     const Tensor& lse = ctx->input(5);
     const Tensor& d_out = ctx->input(6);
     OP_REQUIRES_OK(ctx, CheckPacked(q, k, v, splits));
-    OP_REQUIRES(ctx, out.shape() == v.shape(),
-                errors::InvalidArgument(
-                    "out ", out.shape().DebugString(),
-                    " must have the shape of values ",
-                    v.shape().DebugString()));
-    OP_REQUIRES(ctx, d_out.shape() == v.shape(),
-                errors::InvalidArgument(
-                    "d_out ", d_out.shape().DebugString(),
-                    " must have the shape of values ",
-                    v.shape().DebugString()));
-    OP_REQUIRES(ctx,
-                lse.dims() == 2 && lse.dim_size(0) == q.dim_size(0) &&
-                    lse.dim_size(1) == q.dim_size(1),
-                errors::InvalidArgument(
-                    "logsumexp must be [T, H] = [", q.dim_size(0), ", ",
-                    q.dim_size(1), "], got shape ", lse.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckGradInputs(q, v, out, lse, d_out));
     std::vector<int64_t> row_splits;
     OP_REQUIRES_OK(ctx, ReadRowSplits(splits, q.dim_size(0), &row_splits));
     const auto dims = Dims(q, v, causal_, scale_);

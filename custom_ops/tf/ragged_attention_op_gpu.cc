@@ -71,25 +71,6 @@ Status CheckPackedGpu(const Tensor& q, const Tensor& k, const Tensor& v,
   return OkStatus();
 }
 
-// Host row_splits (int32 or int64) as int64, validated with the CPU kernel's
-// CheckRowSplits.
-Status ReadRowSplitsHost(const Tensor& splits, int64_t num_tokens,
-                         std::vector<int64_t>* out) {
-  const int64_t n = splits.dim_size(0);
-  out->resize(n);
-  if (splits.dtype() == DT_INT32) {
-    const auto flat = splits.flat<int32>();
-    for (int64_t i = 0; i < n; ++i) (*out)[i] = flat(i);
-  } else {
-    const auto flat = splits.flat<int64_t>();
-    for (int64_t i = 0; i < n; ++i) (*out)[i] = flat(i);
-  }
-  const std::string problem =
-      rak::CheckRowSplits(out->data(), n - 1, num_tokens, "row_splits");
-  if (!problem.empty()) return errors::InvalidArgument(problem);
-  return OkStatus();
-}
-
 struct GpuContext {
   cudaStream_t stream = nullptr;
   int device = -1;
@@ -184,7 +165,7 @@ class RaggedAttentionGpuOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckPackedGpu(q, k, v, splits));
     std::vector<int64_t> row_splits;
     OP_REQUIRES_OK(ctx,
-                   ReadRowSplitsHost(splits, q.dim_size(0), &row_splits));
+                   tfrec_fast_internal::ReadRowSplits(splits, q.dim_size(0), &row_splits));
     Tensor* out = nullptr;
     Tensor* lse = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, v.shape(), &out));
@@ -232,25 +213,11 @@ class RaggedAttentionGradGpuOp : public OpKernel {
     const Tensor& lse = ctx->input(5);
     const Tensor& d_out = ctx->input(6);
     OP_REQUIRES_OK(ctx, CheckPackedGpu(q, k, v, splits));
-    OP_REQUIRES(ctx, out.shape() == v.shape(),
-                errors::InvalidArgument(
-                    "out ", out.shape().DebugString(),
-                    " must have the shape of values ",
-                    v.shape().DebugString()));
-    OP_REQUIRES(ctx, d_out.shape() == v.shape(),
-                errors::InvalidArgument(
-                    "d_out ", d_out.shape().DebugString(),
-                    " must have the shape of values ",
-                    v.shape().DebugString()));
-    OP_REQUIRES(ctx,
-                lse.dims() == 2 && lse.dim_size(0) == q.dim_size(0) &&
-                    lse.dim_size(1) == q.dim_size(1),
-                errors::InvalidArgument(
-                    "logsumexp must be [T, H] = [", q.dim_size(0), ", ",
-                    q.dim_size(1), "], got shape ", lse.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, tfrec_fast_internal::CheckGradInputs(q, v, out, lse,
+                                                             d_out));
     std::vector<int64_t> row_splits;
     OP_REQUIRES_OK(ctx,
-                   ReadRowSplitsHost(splits, q.dim_size(0), &row_splits));
+                   tfrec_fast_internal::ReadRowSplits(splits, q.dim_size(0), &row_splits));
     Tensor *dq = nullptr, *dk = nullptr, *dv = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, q.shape(), &dq));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, k.shape(), &dk));
