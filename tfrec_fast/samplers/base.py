@@ -66,6 +66,60 @@ def check_num(num, arg_name="num"):
         return tf.identity(num)
 
 
+def check_query(query, arg_name="query", floating=True):
+    """Converts `query` and checks that it is a [T, D] (float) tensor."""
+    query = tf.convert_to_tensor(query)
+    if query.shape.rank is not None and query.shape.rank != 2:
+        raise ValueError(f"{arg_name} must have rank 2 ([T, D]), got shape "
+                         f"{query.shape}")
+    if floating and not query.dtype.is_floating:
+        raise ValueError(f"{arg_name} must be a floating-point [T, D] tensor, "
+                         f"got {query.dtype.name}")
+    return query
+
+
+def check_positives(positives, num_items, owner):
+    """Checks int [T] positives in [0, num_items); returns them as int64."""
+    if positives is None:
+        raise ValueError(f"{owner} needs positives: int [T] positive ids of "
+                         "the batch (its in-batch candidates)")
+    positives = tf.convert_to_tensor(positives)
+    if not positives.dtype.is_integer:
+        raise ValueError(f"positives must be integer ids, got "
+                         f"{positives.dtype.name}")
+    if positives.shape.rank is not None and positives.shape.rank != 1:
+        raise ValueError(f"positives must have rank 1 ([T]), got shape "
+                         f"{positives.shape}")
+    positives = validate_ids(positives, num_items, arg_name="positives")
+    return tf.cast(positives, tf.int64)
+
+
+def check_rows(query, num_rows, owner):
+    """Checks that query [T, D] has `num_rows` rows (statically or at run)."""
+    if query is None:
+        return []
+    static_query = query.shape[0]
+    static_rows = tf.get_static_value(num_rows)
+    if static_query is not None and static_rows is not None:
+        if static_query != int(static_rows):
+            raise ValueError(f"{owner}: query has {static_query} rows but "
+                             f"positives has {int(static_rows)}; they must "
+                             "describe the same T rows")
+        return []
+    return [tf.debugging.assert_equal(
+        tf.shape(query, out_type=tf.int64)[0], tf.cast(num_rows, tf.int64),
+        message=f"{owner}: query and positives must have the same number "
+                "of rows T")]
+
+
+def check_sampler(sampler, arg_name):
+    """Checks that a sub-sampler argument is a CandidateSampler."""
+    if not isinstance(sampler, CandidateSampler):
+        raise ValueError(f"{arg_name} must be a tfrec_fast CandidateSampler, "
+                         f"got {type(sampler).__name__}")
+    return sampler
+
+
 @tf_keras.saving.register_keras_serializable(package="tfrec_fast")
 class CandidateSampler(tf_keras.layers.Layer):
     """Base class of negative samplers over a catalog of `num_items` items.
@@ -140,10 +194,7 @@ class CandidateSampler(tf_keras.layers.Layer):
         """
         num = check_num(num)
         if query is not None:
-            query = tf.convert_to_tensor(query)
-            if query.shape.rank is not None and query.shape.rank != 2:
-                raise ValueError(f"query must have rank 2 ([T, D]), got "
-                                 f"shape {query.shape}")
+            query = check_query(query, floating=False)
         if not shared and query is None:
             raise ValueError("per-row draws (shared=False) need query [T, D] "
                              "to know the number of rows T")
@@ -151,12 +202,8 @@ class CandidateSampler(tf_keras.layers.Layer):
             raise ValueError(f"{type(self).__name__} draws depend on the "
                              "query; pass query [T, D]")
         if positives is not None:
-            positives = tf.convert_to_tensor(positives)
-            if positives.shape.rank is not None and positives.shape.rank != 1:
-                raise ValueError(f"positives must have rank 1 ([T]), got "
-                                 f"shape {positives.shape}")
-            positives = validate_ids(positives, self.num_items,
-                                     arg_name="positives")
+            positives = check_positives(positives, self.num_items,
+                                        type(self).__name__)
         if shared:
             shape = tf.reshape(tf.cast(num, tf.int32), [1])
         else:

@@ -10,12 +10,12 @@ from tfrec_fast._serialization import config_with_layers
 from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.samplers.base import CandidateSampler
 from tfrec_fast.samplers.base import check_num
+from tfrec_fast.samplers.base import check_positives
+from tfrec_fast.samplers.base import check_query
+from tfrec_fast.samplers.base import check_rows
+from tfrec_fast.samplers.base import check_sampler
 from tfrec_fast.samplers.in_batch import InBatch
-from tfrec_fast.samplers.in_batch import check_positives
-from tfrec_fast.samplers.in_batch import check_query
-from tfrec_fast.samplers.in_batch import check_rows
 from tfrec_fast.samplers.mixed import Mixed
-from tfrec_fast.samplers.mixed import deserialize_sampler
 from tfrec_fast.samplers.mixed import resolve_num
 
 
@@ -80,7 +80,7 @@ class HardNegatives(CandidateSampler):
 
     def __init__(self, base, pool_size, seed=None, **kwargs):
         kwargs.pop("num_items", None)  # from get_config; base rules
-        base = deserialize_sampler(base, "base")
+        base = check_sampler(base, "base")
         if isinstance(base, (InBatch, Mixed, HardNegatives)):
             raise ValueError(f"base must draw pool_size candidates on its own "
                              f"(e.g. Uniform, Unigram), got "

@@ -8,18 +8,9 @@ from tfrec_fast._serialization import config_with_layers
 from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.samplers.base import CandidateSampler
 from tfrec_fast.samplers.base import check_num
+from tfrec_fast.samplers.base import check_sampler
+from tfrec_fast.samplers.base import check_query
 from tfrec_fast.samplers.in_batch import InBatch
-from tfrec_fast.samplers.in_batch import check_query
-
-
-def deserialize_sampler(sampler, arg_name):
-    """A CandidateSampler, or a serialized one (from `get_config`)."""
-    if isinstance(sampler, dict):
-        sampler = tf_keras.layers.deserialize(sampler)
-    if not isinstance(sampler, CandidateSampler):
-        raise ValueError(f"{arg_name} must be a tfrec_fast CandidateSampler, "
-                         f"got {type(sampler).__name__}")
-    return sampler
 
 
 def resolve_num(num, last_num, owner):
@@ -93,8 +84,8 @@ class Mixed(CandidateSampler):
 
     def __init__(self, in_batch, other, seed=None, **kwargs):
         kwargs.pop("num_items", None)  # from get_config; the parts rule
-        in_batch = deserialize_sampler(in_batch, "in_batch")
-        other = deserialize_sampler(other, "other")
+        in_batch = check_sampler(in_batch, "in_batch")
+        other = check_sampler(other, "other")
         if not isinstance(in_batch, InBatch):
             raise ValueError(f"in_batch must be an InBatch sampler, got "
                              f"{type(in_batch).__name__}")
