@@ -18,14 +18,14 @@ so are pushed down less per draw: their corrected logit goes *down*
 (subtract log q; TFRS once added it).
 """
 
+import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from tfrec_fast import distribute
 from tfrec_fast._serialization import config_with_layers
-
 from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.samplers.base import check_num
-from tfrec_fast import distribute
 
 Reduction = tf_keras.losses.Reduction
 
@@ -126,6 +126,16 @@ def reduce_losses(losses, sample_weight, reduction):
     return tf.math.divide_no_nan(total, distribute.sum_across_replicas(rows))
 
 
+def check_temperature(temperature):
+    """A finite temperature > 0 as a float; ValueError naming it otherwise."""
+    if (isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float, np.floating))
+            or not np.isfinite(temperature) or not temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, "
+                         f"got {temperature!r}")
+    return float(temperature)
+
+
 def check_reduction(reduction):
     Reduction.validate(reduction)
     return reduction
@@ -210,9 +220,7 @@ class SampledSoftmax(tf_keras.layers.Layer):
         self.shared = bool(shared)
         self.correct_positive = bool(correct_positive)
         self.remove_accidental_hits = bool(remove_accidental_hits)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature)
         if global_negatives and not shared:
             raise ValueError("global_negatives needs shared negatives: "
                              "per-row negatives belong to their rows")

@@ -37,6 +37,7 @@ from tfrec_fast._serialization import config_with_layers
 from tfrec_fast import distribute
 from tfrec_fast.losses.sampled_softmax import accidental_hits
 from tfrec_fast.losses.sampled_softmax import check_reduction
+from tfrec_fast.losses.sampled_softmax import check_temperature
 from tfrec_fast.losses.sampled_softmax import corrected_softmax_cross_entropy
 from tfrec_fast.losses.sampled_softmax import reduce_losses
 from tfrec_fast.ops.validate_ids import validate_ids
@@ -184,12 +185,7 @@ class SampledRetrieval(tf_keras.layers.Layer, tfrs.tasks.base.Task):
             correct_positive = self._in_batch is not None
         self.correct_positive = bool(correct_positive)
         self.remove_accidental_hits = bool(remove_accidental_hits)
-        if (isinstance(temperature, bool)
-                or not isinstance(temperature, (int, float, np.floating))
-                or not np.isfinite(temperature) or not temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, "
-                             f"got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature)
         if global_negatives and not shared:
             raise ValueError("global_negatives needs shared negatives "
                              "(shared=True): per-query negatives belong to "
