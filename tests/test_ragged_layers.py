@@ -23,6 +23,7 @@ import tf_keras
 
 from tfrec_fast import layers
 from tfrec_fast.layers.ragged_attention import attention_ops
+from tfrec_fast.ops import _library
 from tfrec_fast.tasks.next_item import NextItemTask
 
 
@@ -216,7 +217,8 @@ def test_attention_dispatch_passes_use_fused(monkeypatch):
 
 
 def test_use_fused_true_without_fused_op_fails(monkeypatch):
-    monkeypatch.delattr(attention_ops, "ragged_attention", raising=False)
+    # As if the op library were not built.
+    monkeypatch.setattr(_library.DEFAULT_LIBRARY, "module", lambda: None)
     layer = layers.RaggedMultiHeadAttention(1, 4, use_fused=True)
     with pytest.raises(RuntimeError, match="use_fused=True"):
         layer(_ragged([2], 4))

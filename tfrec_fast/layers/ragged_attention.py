@@ -30,27 +30,22 @@ def packed_attention(queries, keys, values, row_splits, causal=True,
         values: float [T, H, Dv] packed values.
         row_splits: int [B + 1] sequence boundaries.
         causal: token i attends to tokens j <= i of its own sequence only.
-        use_fused: True requires the fused op, False forces the pure-TF
-            reference (core TF ops only: the serving path), None picks the
-            fused op when `tfrec_fast.ops.ragged_attention.ragged_attention`
-            exists and its library is loaded.
+        use_fused: False runs the pure-TF reference directly (core TF ops
+            only: the serving path, independent of the op library); True and
+            None go through `tfrec_fast.ops.ragged_attention.ragged_attention`
+            (True requires the fused op, None picks it when it is loaded).
 
     Returns:
         float [T, H, Dv], scores scaled by 1 / sqrt(Dk).
 
     Raises:
-        RuntimeError: use_fused=True but no fused dispatch is available.
+        RuntimeError: use_fused=True but the op library is not loaded.
     """
-    dispatch = getattr(attention_ops, "ragged_attention", None)
-    if use_fused is False or dispatch is None:
-        if use_fused:
-            raise RuntimeError(
-                "use_fused=True but tfrec_fast.ops.ragged_attention has no "
-                "fused `ragged_attention` in this build")
+    if use_fused is False:
         return attention_ops.ragged_attention_reference(
             queries, keys, values, row_splits, causal=causal)
-    return dispatch(queries, keys, values, row_splits, causal=causal,
-                    use_fused=use_fused)
+    return attention_ops.ragged_attention(queries, keys, values, row_splits,
+                                          causal=causal, use_fused=use_fused)
 
 
 @tf_keras.saving.register_keras_serializable(package="tfrec_fast")
