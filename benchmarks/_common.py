@@ -38,6 +38,25 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def proc_status_mb(field):
+    """A memory figure of this process from /proc/self/status, in MB.
+
+    VmHWM (peak resident set) rather than ru_maxrss: on Linux ru_maxrss
+    survives exec, so a child process would report its parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise KeyError(field)
+
+
+def reset_peak_rss():
+    """Resets VmHWM to the current RSS (Linux /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def write(records, args):
     text = json.dumps(records, indent=2)
     print(text)

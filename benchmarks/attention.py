@@ -261,14 +261,6 @@ def time_config(cfg, repeats):
     return records
 
 
-def _proc_status_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise KeyError(field)
-
-
 def rss_child(spec):
     """Child process entry: peak RSS of one implementation at one config.
 
@@ -276,14 +268,13 @@ def rss_child(spec):
     ru_maxrss survives exec, so a child would report its parent's peak."""
     impl, cfg = spec["impl"], spec["config"]
     case = Case(cfg)
-    import_peak = _proc_status_mb("VmHWM")
-    before = _proc_status_mb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
+    import_peak = _common.proc_status_mb("VmHWM")
+    before = _common.proc_status_mb("VmRSS")
+    _common.reset_peak_rss()
     step = make_step(*build(impl, cfg, case)[:4])
     for _ in range(3):
         step()
-    peak = _proc_status_mb("VmHWM")
+    peak = _common.proc_status_mb("VmHWM")
     print(json.dumps({"peak_rss_mb": max(peak, import_peak),
                       "step_rss_growth_mb": peak - before}))
 

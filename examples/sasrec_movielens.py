@@ -22,13 +22,21 @@ cross-entropy (the default, unchanged):
     python examples/sasrec_movielens.py --loss sampled --sampler unigram \
         --unigram-alpha 0.75 --negatives 256
 
+`--loss cce` is the same full-catalog cross-entropy, fused
+(`tfrec_fast.losses.CutCrossEntropy`: no [N, C] logits); `--loss cce-minus`
+is the fused sampled softmax (`tfrec_fast.losses.CCEMinus`) with K negatives
+per position (uniform and unigram ones drawn inside the kernel):
+
+    python examples/sasrec_movielens.py --loss cce-minus --negatives 64
+
 `--sampler` picks the negatives: uniform, log-uniform (ids are sorted by
 decreasing training frequency, so it approximates popularity), unigram
 ((count + 1)^alpha over the training sequences' items), in-batch (the
 batch's target items, log q from a streaming frequency estimate, the
 positive corrected by its log q as well) or mixed (in-batch + uniform).
-The K = `--negatives` (default 256) drawn negatives are shared by every
-position of a batch. For in-batch, `--negatives K` draws K of the batch's
+With `--loss sampled` the K = `--negatives` (default 256) drawn negatives
+are shared by every position of a batch; with `--loss cce-minus` each
+position has its own K. For in-batch, `--negatives K` draws K of the batch's
 ~10k target positions; without it all of them are candidates.
 """
 
@@ -45,11 +53,15 @@ import tf_keras
 import _common
 from tfrec_fast import data
 from tfrec_fast import metrics
+from tfrec_fast.losses import CCEMinus
+from tfrec_fast.losses import CutCrossEntropy
 from tfrec_fast.losses import SampledSoftmax
 from tfrec_fast.models import SASRec
 from tfrec_fast.tasks import NextItemTask
 
-LOSSES = ("full", "sampled")
+LOSSES = ("full", "sampled", "cce", "cce-minus")
+# Losses that draw negatives.
+SAMPLED_LOSSES = ("sampled", "cce-minus")
 DEFAULT_NEGATIVES = 256
 # Samplers whose candidates include positives drawn with the batch: their
 # positive logit is corrected by its log q too.
@@ -79,7 +91,9 @@ def parse_args(argv=None):
                    help="padding-free ragged blocks with the fused attention "
                         "op (default) or the padded tf_keras reference")
     p.add_argument("--loss", choices=LOSSES, default="full",
-                   help="full-catalog softmax CE (default) or sampled softmax")
+                   help="full-catalog softmax CE (default), sampled softmax, "
+                        "fused full CE (cce) or fused sampled softmax with "
+                        "per-position negatives (cce-minus)")
     p.add_argument("--sampler", choices=_common.SAMPLERS, default=None,
                    help="negative sampler of --loss sampled (default "
                         "uniform)")
@@ -91,9 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--unigram-alpha", type=float, default=0.75,
                    help="exponent of --sampler unigram: (count + 1)^alpha")
     args = p.parse_args(argv)
-    if args.sampler is None and args.loss == "sampled":
+    if args.sampler is None and args.loss in SAMPLED_LOSSES:
         args.sampler = "uniform"
-    if (args.negatives is None and args.loss == "sampled"
+    if (args.negatives is None and args.loss in SAMPLED_LOSSES
             and args.sampler != "in-batch"):
         args.negatives = DEFAULT_NEGATIVES
     if args.negatives is not None and args.negatives <= 0:
@@ -113,26 +127,33 @@ def build_task(args, train, num_items):
     positives of other positions, drawn with the batch; K is then None: all
     T of them).
     """
+    none = tf_keras.losses.Reduction.NONE
     if args.loss == "full":
         return None
+    if args.loss == "cce":
+        return NextItemTask(CutCrossEntropy(reduction=none))
     sampler = _common.make_sampler(args.sampler, train, num_items,
                                    unigram_alpha=args.unigram_alpha,
                                    seed=args.seed)
+    if args.loss == "cce-minus":
+        return NextItemTask(CCEMinus(sampler, args.negatives, shared=False,
+                                     reduction=none))
     return NextItemTask(SampledSoftmax(
         sampler, args.negatives, shared=True,
         correct_positive=args.sampler in IN_BATCH,
-        reduction=tf_keras.losses.Reduction.NONE))
+        reduction=none))
 
 
 def describe_loss(args):
     """The loss part of results.json."""
-    if args.loss == "full":
-        return {"loss": "full"}
-    described = {"loss": "sampled", "sampler": args.sampler,
+    if args.loss in ("full", "cce"):
+        return {"loss": args.loss}
+    described = {"loss": args.loss, "sampler": args.sampler,
                  "negatives": (args.negatives if args.negatives is not None
                                else "all T target positions of the batch"),
-                 "shared_negatives": True,
-                 "correct_positive": args.sampler in IN_BATCH,
+                 "shared_negatives": args.loss == "sampled",
+                 "correct_positive": (args.loss == "sampled" and
+                                      args.sampler in IN_BATCH),
                  "remove_accidental_hits": True}
     if args.sampler == "unigram":
         described.update(unigram_alpha=args.unigram_alpha,
@@ -168,9 +189,13 @@ def main(argv=None):
         "model": ("SASRec, ragged blocks + fused attention op, "
                   if args.encoder == "ragged" else
                   "SASRec reference (padded tf_keras MultiHeadAttention), ")
-                 + ("full softmax CE" if args.loss == "full" else
-                    f"sampled softmax, {args.sampler}, "
-                    f"K={args.negatives or 'T'}"),
+                 + {"full": "full softmax CE",
+                    "cce": "CutCrossEntropy (fused full softmax CE)",
+                    "sampled": f"sampled softmax, {args.sampler}, "
+                               f"K={args.negatives or 'T'} shared",
+                    "cce-minus": f"CCEMinus, {args.sampler}, "
+                                 f"K={args.negatives} per position",
+                    }[args.loss],
         "config": vars(args),
         "loss": describe_loss(args),
         "epochs_trained": len(timer.seconds),

@@ -82,3 +82,36 @@ def test_one_sampled_epoch_trains(example, toy_split, sampler):
     assert described["sampler"] == sampler
     assert described["correct_positive"] == (sampler in ("in-batch",
                                                          "mixed"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["--loss", "cce"],
+    ["--loss", "cce-minus", "--negatives", "8"],
+    ["--loss", "cce-minus", "--sampler", "unigram", "--negatives", "8"],
+])
+def test_fused_losses_train_and_learn(example, toy_split, argv):
+    """The fused losses through the main job's task: the loss goes down."""
+    args = example.parse_args(argv)
+    tf_keras.utils.set_random_seed(0)
+    model = SASRec(toy_split.num_items, max_len=10, dim=8, num_blocks=1,
+                   num_heads=1, dropout=0.0,
+                   task=example.build_task(args, toy_split.train,
+                                           toy_split.num_items))
+    model.compile(optimizer=tf_keras.optimizers.Adam(1e-2))
+    train = data.next_item_dataset(toy_split.train, batch_size=32,
+                                   max_len=10)
+    history = model.fit(train, epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+    described = example.describe_loss(args)
+    assert described["loss"] == args.loss
+    if args.loss == "cce-minus":
+        assert described["shared_negatives"] is False
+        assert args.negatives == 8
+
+
+def test_cce_minus_defaults(example):
+    args = example.parse_args(["--loss", "cce-minus"])
+    assert (args.sampler, args.negatives) == ("uniform", 256)
+    assert example.parse_args(["--loss", "cce"]).negatives is None

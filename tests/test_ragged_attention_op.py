@@ -212,7 +212,7 @@ def test_use_fused_false_is_the_reference():
 def test_library_without_the_attention_op_falls_back_once(monkeypatch):
     # An op library from an older build (no TfrecFastRaggedAttention).
     monkeypatch.setattr(LIB, "module", lambda: object())
-    monkeypatch.setattr(ra, "_stale_library_warned", [])
+    monkeypatch.setattr(_library, "_stale_library_warned", set())
     q, k, v, _, splits = _case([3, 2], 1, 4, seed=10)
     want = ops.ragged_attention_reference(q, k, v, splits)
     with pytest.warns(ops.OpLibraryWarning, match="without"):

@@ -8,6 +8,13 @@ after one `OpLibraryWarning`.
 from tfrec_fast.ops._library import build_info
 from tfrec_fast.ops._library import OpLibrary
 from tfrec_fast.ops._library import OpLibraryWarning
+from tfrec_fast.ops.cce_minus import GeneratedNegatives
+from tfrec_fast.ops.cce_minus import GivenNegatives
+from tfrec_fast.ops.cce_minus import cce_minus
+from tfrec_fast.ops.cce_minus import cce_minus_reference
+from tfrec_fast.ops.cce_minus import generated_negatives
+from tfrec_fast.ops.cut_cross_entropy import cut_cross_entropy
+from tfrec_fast.ops.cut_cross_entropy import cut_cross_entropy_reference
 from tfrec_fast.ops.ragged_attention import ragged_attention
 from tfrec_fast.ops.ragged_attention import ragged_attention_reference
 from tfrec_fast.ops.validate_ids import validate_ids

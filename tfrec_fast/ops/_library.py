@@ -99,6 +99,41 @@ class OpLibrary:
 DEFAULT_LIBRARY = OpLibrary(os.environ.get("TFREC_FAST_OPS_DIR", _DEFAULT_DIR))
 
 
+_stale_library_warned = set()
+
+
+@tf.autograph.experimental.do_not_convert
+def fused_module(op_function, op_name, use_fused):
+    """The loaded op module if it has `op_function`, else None.
+
+    Args:
+        op_function: the Python name of the op in the module, e.g.
+            "tfrec_fast_ragged_attention".
+        op_name: the op's registered name, for messages.
+        use_fused: True to require the op (raise if missing), None to take it
+            when present (one warning per op when an older library lacks it).
+
+    Raises:
+        RuntimeError: `use_fused` is True and the op is not available.
+    """
+    module = DEFAULT_LIBRARY.module()
+    if module is not None and not hasattr(module, op_function):
+        problem = (f"the op library {DEFAULT_LIBRARY.library_path} was built "
+                   f"without {op_name} (an older build).")
+        if use_fused:
+            raise RuntimeError(f"use_fused=True but {problem}")
+        if op_name not in _stale_library_warned:
+            _stale_library_warned.add(op_name)
+            warnings.warn(f"tfrec_fast: {problem} Using the pure-TF "
+                          "reference; rebuild the library.",
+                          OpLibraryWarning, stacklevel=3)
+        return None
+    if module is None and use_fused:
+        raise RuntimeError("use_fused=True but the op library is not "
+                           "loaded: " + str(build_info()))
+    return module
+
+
 def build_info():
     """Reports what the installed op library provides.
 

@@ -17,7 +17,6 @@ which recomputes the probabilities from the saved per-row log-sum-exp.
 """
 
 import math
-import warnings
 
 import tensorflow as tf
 
@@ -107,30 +106,6 @@ def ragged_attention_reference(queries, keys, values, row_splits,
 
 # Dtypes the fused op takes (half and bfloat16 are computed in float32).
 _FUSED_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
-_stale_library_warned = []
-
-
-@tf.autograph.experimental.do_not_convert
-def _fused_module(use_fused):
-    """The loaded op module if it has the attention ops, else None."""
-    module = _library.DEFAULT_LIBRARY.module()
-    if module is not None and not hasattr(module,
-                                          "tfrec_fast_ragged_attention"):
-        problem = (f"the op library {_library.DEFAULT_LIBRARY.library_path} "
-                   "was built without TfrecFastRaggedAttention (an older "
-                   "build).")
-        if use_fused:
-            raise RuntimeError(f"use_fused=True but {problem}")
-        if not _stale_library_warned:
-            _stale_library_warned.append(True)
-            warnings.warn(f"tfrec_fast: {problem} Using the pure-TF "
-                          "reference; rebuild the library.",
-                          _library.OpLibraryWarning, stacklevel=3)
-        return None
-    if module is None and use_fused:
-        raise RuntimeError("use_fused=True but the op library is not "
-                           "loaded: " + str(_library.build_info()))
-    return module
 
 
 def ragged_attention(queries, keys, values, row_splits, causal=True,
@@ -170,7 +145,8 @@ def ragged_attention(queries, keys, values, row_splits, causal=True,
                              for x in (queries, keys, values))
     row_splits = tf.convert_to_tensor(row_splits)
     check_packed(queries, keys, values, row_splits)
-    module = None if use_fused is False else _fused_module(use_fused)
+    module = None if use_fused is False else _library.fused_module(
+        "tfrec_fast_ragged_attention", "TfrecFastRaggedAttention", use_fused)
     if module is None:
         return ragged_attention_reference(queries, keys, values, row_splits,
                                           causal=causal, scale=scale)
