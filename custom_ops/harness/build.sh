@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Builds the standalone GPU kernel library for the harness, without
 # TensorFlow: every custom_ops/kernels/*.cu.cc (the same CUDA sources the TF
-# op library links) plus the C ABI shim custom_ops/harness/*.cc, into
+# op library links: ragged attention, id validation, the fused
+# cross-entropy tile engine and CCEMinus) plus the C ABI shims
+# custom_ops/harness/*.cc (ragged_attention_capi.cc, cross_entropy_capi.cc),
+# into
 #
 #     custom_ops/harness/build/libtfrec_fast_kernels.so
 #
+# which ragged_attention.py and cross_entropy.py load with ctypes.
 # Usage:  custom_ops/harness/build.sh
 # Environment:
 #   NVCC         nvcc to use (default: nvcc on PATH, else /usr/local/cuda).

@@ -20,7 +20,17 @@
 // not model timing, coalescing, bank conflicts, divergence costs or the
 // memory model; compute-sanitizer on a GPU remains the check for races.
 //
-// Include it first, then the .cu.cc (see ragged_attention_emulated.cc).
+// Also emulated: __syncwarp, float atomicAdd, and the wmma API of <mma.h>
+// (fragments, load / store / mma / fill) for the cross-entropy kernels:
+// every thread of a warp holds the whole 16 x 16 fragment; lane 0 computes
+// each product (float32 FMAs in k order; tensor cores multiply exactly and
+// may add in another order) and the other lanes copy it, with the warp
+// barriers the *_sync calls imply. Optionally (tfrec_emu_set_shared_fill)
+// every block's shared memory starts as NaN bytes, so a kernel that reads
+// shared memory it has not written gets NaN instead of a lucky zero.
+//
+// Include it first, then the .cu.cc (see ragged_attention_emulated.cc and
+// cross_entropy_emulated.cc).
 #ifndef TFREC_FAST_HARNESS_EMULATION_CUDA_EMULATION_H_
 #define TFREC_FAST_HARNESS_EMULATION_CUDA_EMULATION_H_
 
@@ -34,6 +44,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 // 16-bit float types of our own instead of cuda_fp16.h / cuda_bf16.h, whose
@@ -143,6 +154,13 @@ enum class Schedule : int {
 inline Schedule& CurrentSchedule() {
   static Schedule schedule = Schedule::kRoundRobin;
   return schedule;
+}
+
+// Byte every block's shared memory starts with (0: zeros, the historical
+// behaviour; 0xFF: NaN floats).
+inline int& SharedFillByte() {
+  static int fill = 0;
+  return fill;
 }
 
 struct Block {
@@ -310,6 +328,10 @@ struct Launcher {
       for (unsigned y = 0; y < grid.y; ++y) {
         for (unsigned x = 0; x < grid.x; ++x) {
           block_index = dim3(x, y, z);
+          if (SharedFillByte() != 0) {
+            std::memset(static_cast<void*>(b.shared.data()),
+                        SharedFillByte(), b.shared.size() * sizeof(float4));
+          }
           b.block_arrived = 0;
           b.done.assign(threads, 0);
           b.wait_kind.assign(threads, -2);
@@ -391,6 +413,125 @@ inline unsigned long long atomicMin(unsigned long long* address,
   return old;
 }
 
+inline float atomicAdd(float* address, float value) {
+  const float old = *address;  // fibers switch only at barriers
+  *address = old + value;
+  return old;
+}
+
+// Every lane of the warp meets here.
+inline void __syncwarp(unsigned /*mask*/ = 0xffffffffu) {
+  ::tfrec_emu::Barrier(static_cast<int>(::tfrec_emu::thread_index.x) / 32);
+}
+
 using std::min;
+
+// Generic names for the launch and shared-memory hooks (the ragged
+// attention source uses the TFREC_RA_ ones).
+#define TFREC_KERNEL_LAUNCH(kernel, grid, block, smem, stream) \
+  TFREC_RA_LAUNCH(kernel, grid, block, smem, stream)
+#define TFREC_EMULATED_SHARED() ::tfrec_emu::DynamicShared()
+
+// ---------------------------------------------------------------------------
+// wmma (<mma.h>): whole fragments per thread.
+#define TFREC_EMULATED_WMMA 1
+namespace nvcuda {
+namespace wmma {
+
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T,
+          typename Layout = void>
+struct fragment {
+  static constexpr int kRows = std::is_same<Use, matrix_b>::value ? K : M;
+  static constexpr int kCols = std::is_same<Use, matrix_a>::value ? K : N;
+  static constexpr int num_elements = kRows * kCols;
+  T x[num_elements];
+};
+
+inline float EmuElement(float v) { return v; }
+inline float EmuElement(__half v) { return __half2float(v); }
+inline float EmuElement(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+inline void EmuWarpBarrier() { __syncwarp(); }
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f,
+                             const T* p, unsigned ldm) {
+  static_assert(!std::is_same<Use, accumulator>::value, "needs a layout");
+  using F = fragment<Use, M, N, K, T, Layout>;
+  EmuWarpBarrier();
+  const bool row = std::is_same<Layout, row_major>::value;
+  for (int r = 0; r < F::kRows; ++r) {
+    for (int c = 0; c < F::kCols; ++c) {
+      f.x[r * F::kCols + c] = row ? p[r * ldm + c] : p[r + c * ldm];
+    }
+  }
+  EmuWarpBarrier();
+}
+
+template <int M, int N, int K>
+inline void store_matrix_sync(float* p,
+                              const fragment<accumulator, M, N, K, float>& f,
+                              unsigned ldm, layout_t layout) {
+  EmuWarpBarrier();
+  for (int r = 0; r < M; ++r) {
+    for (int c = 0; c < N; ++c) {
+      const float v = f.x[r * N + c];
+      if (layout == mem_row_major) {
+        p[r * ldm + c] = v;
+      } else {
+        p[r + c * ldm] = v;
+      }
+    }
+  }
+  EmuWarpBarrier();
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout,
+          typename V>
+inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, const V& v) {
+  for (auto& e : f.x) e = static_cast<T>(v);
+}
+
+// Lane 0 computes the product into a per-warp buffer, every lane copies
+// it (all lanes hold the same fragments).
+inline float* EmuWarpScratch() {
+  static float scratch[32][256];  // blocks of up to 1024 threads
+  return scratch[static_cast<int>(::tfrec_emu::thread_index.x) / 32];
+}
+
+template <int M, int N, int K, typename T, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d,
+                     const fragment<matrix_a, M, N, K, T, LA>& a,
+                     const fragment<matrix_b, M, N, K, T, LB>& b,
+                     const fragment<accumulator, M, N, K, float>& c) {
+  static_assert(M * N <= 256, "fragment size");
+  float* out = EmuWarpScratch();
+  EmuWarpBarrier();  // every lane is here: the scratch is free
+  if (::tfrec_emu::thread_index.x % 32 == 0) {
+    for (int i = 0; i < M; ++i) {
+      for (int j = 0; j < N; ++j) {
+        float acc = c.x[i * N + j];
+        for (int k = 0; k < K; ++k) {
+          acc = std::fma(EmuElement(a.x[i * K + k]),
+                         EmuElement(b.x[k * N + j]), acc);
+        }
+        out[i * N + j] = acc;
+      }
+    }
+  }
+  EmuWarpBarrier();
+  for (int e = 0; e < M * N; ++e) d.x[e] = out[e];
+  EmuWarpBarrier();  // every lane has copied before the scratch is reused
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
 
 #endif  // TFREC_FAST_HARNESS_EMULATION_CUDA_EMULATION_H_
