@@ -7,7 +7,7 @@ from tfrec_fast import distribute
 from tfrec_fast._serialization import config_with_layers
 from tfrec_fast.losses.sampled_softmax import check_reduction
 from tfrec_fast.losses.sampled_softmax import check_temperature
-from tfrec_fast.losses.sampled_softmax import flatten_rows
+from tfrec_fast.losses.sampled_softmax import flatten_loss_inputs
 from tfrec_fast.losses.sampled_softmax import reduce_losses
 from tfrec_fast.ops.cce_minus import GivenNegatives
 from tfrec_fast.ops.cce_minus import cce_minus
@@ -138,12 +138,8 @@ class CCEMinus(tf_keras.layers.Layer):
         Returns:
             Scalar loss, or float32 [N] with Reduction.NONE.
         """
-        if isinstance(sample_weight, tf.RaggedTensor):
-            sample_weight = sample_weight.flat_values
-        hidden, targets = flatten_rows(hidden, targets)
-        item_table = tf.convert_to_tensor(item_table)
-        if item_table.dtype != hidden.dtype:
-            item_table = tf.cast(item_table, hidden.dtype)
+        hidden, item_table, targets, sample_weight = flatten_loss_inputs(
+            hidden, item_table, targets, sample_weight)
         # The sampler sees the unscaled hidden states (as in SampledSoftmax).
         negatives = self._negatives(hidden, item_table, targets)
         if self.temperature != 1.0:

@@ -5,7 +5,7 @@ import tf_keras
 
 from tfrec_fast.losses.sampled_softmax import check_reduction
 from tfrec_fast.losses.sampled_softmax import check_temperature
-from tfrec_fast.losses.sampled_softmax import flatten_rows
+from tfrec_fast.losses.sampled_softmax import flatten_loss_inputs
 from tfrec_fast.losses.sampled_softmax import reduce_losses
 from tfrec_fast.ops.cut_cross_entropy import cut_cross_entropy
 
@@ -69,12 +69,8 @@ class CutCrossEntropy(tf_keras.layers.Layer):
         Returns:
             Scalar loss, or float32 [N] with Reduction.NONE.
         """
-        if isinstance(sample_weight, tf.RaggedTensor):
-            sample_weight = sample_weight.flat_values
-        hidden, targets = flatten_rows(hidden, targets)
-        item_table = tf.convert_to_tensor(item_table)
-        if item_table.dtype != hidden.dtype:
-            item_table = tf.cast(item_table, hidden.dtype)
+        hidden, item_table, targets, sample_weight = flatten_loss_inputs(
+            hidden, item_table, targets, sample_weight)
         if self.temperature != 1.0:
             hidden = hidden / tf.cast(self.temperature, hidden.dtype)
         losses = cut_cross_entropy(hidden, item_table, targets,

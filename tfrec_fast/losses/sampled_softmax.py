@@ -141,6 +141,18 @@ def check_reduction(reduction):
     return reduction
 
 
+def flatten_loss_inputs(hidden, item_table, targets, sample_weight):
+    """The inputs of a fused loss layer as [N, D], [C, D] (hidden's dtype),
+    [N] and [N] (or None), from dense or ragged [B, (L), ...] ones."""
+    if isinstance(sample_weight, tf.RaggedTensor):
+        sample_weight = sample_weight.flat_values
+    hidden, targets = flatten_rows(hidden, targets)
+    item_table = tf.convert_to_tensor(item_table)
+    if item_table.dtype != hidden.dtype:
+        item_table = tf.cast(item_table, hidden.dtype)
+    return hidden, item_table, targets, sample_weight
+
+
 def flatten_rows(hidden, positives):
     """Flattens ragged [B, (L), D] / [B, (L)] inputs to [T, D] / [T]."""
     if isinstance(hidden, tf.RaggedTensor) != isinstance(
