@@ -264,9 +264,12 @@ def _cce_minus_chunked(hidden, item_table, item_bias, targets, kind, tensors,
 
         # The positive starts the running (max, sum): every row has a finite
         # max unless its own logit is +-inf or NaN.
+        # parallel_iterations=1 (here and in the backward): one tile alive
+        # at a time; TF's default runs 10 iterations at once (10x memory).
         _, running_max, running_sum = tf.while_loop(
             lambda i, *_: i < negs.num_chunks, body,
-            (tf.constant(0), positive, tf.ones_like(positive)))
+            (tf.constant(0), positive, tf.ones_like(positive)),
+            parallel_iterations=1)
         lse = finish_logsumexp(running_max, running_sum)
         loss = lse - positive
 
@@ -306,7 +309,8 @@ def _cce_minus_chunked(hidden, item_table, item_bias, targets, kind, tensors,
                 init = (tf.zeros_like(w), tf.zeros_like(b))
             _, d_h, d_w, d_b = tf.while_loop(
                 lambda i, *_: i < negs.num_chunks, grad_body,
-                (tf.constant(0), d_h) + init)
+                (tf.constant(0), d_h) + init,
+                parallel_iterations=1)
             d_pos_rows = d_positive[:, tf.newaxis] * h
             if negs.shared:
                 num = negs.num

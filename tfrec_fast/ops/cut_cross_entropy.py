@@ -170,10 +170,13 @@ def _cut_cross_entropy_chunked(hidden, item_table, item_bias, targets, chunk):
                 running_max, running_sum, logits)
             return i + 1, running_max, running_sum
 
+        # parallel_iterations=1 (here and in the backward): one tile alive
+        # at a time; TF's default runs 10 iterations at once (10x memory).
         _, running_max, running_sum = tf.while_loop(
             lambda i, *_: i < tf.shape(w_chunks)[0], body,
             (tf.constant(0), tf.fill([num_rows], -float("inf")),
-             tf.zeros([num_rows])))
+             tf.zeros([num_rows])),
+            parallel_iterations=1)
         lse = finish_logsumexp(running_max, running_sum)
         target_logits = (tf.reduce_sum(h * tf.gather(w, targets), axis=1) +
                          tf.gather(b, targets))
@@ -198,7 +201,8 @@ def _cut_cross_entropy_chunked(hidden, item_table, item_bias, targets, chunk):
                 (tf.constant(0), tf.zeros_like(h),
                  tf.TensorArray(tf.float32, size=n,
                                 element_shape=[chunk, None]),
-                 tf.TensorArray(tf.float32, size=n, element_shape=[chunk])))
+                 tf.TensorArray(tf.float32, size=n, element_shape=[chunk])),
+                parallel_iterations=1)
             d_w = tf.reshape(d_w_chunks.stack(), [-1, tf.shape(w)[1]])
             d_b = tf.reshape(d_b_chunks.stack(), [-1])
             # The -onehot(target) part of softmax - onehot, outside the loop.
