@@ -40,7 +40,15 @@ unless said):
   candidates, the mixture's log q), positive corrected;
 - hard-negatives-uniform: per row the top K of a uniform pool of 4 K
   (`--pool-size`) draws shared by a 256-row chunk. Its log q is a heuristic
-  (see `HardNegatives`), so its loss is not an estimate of the full loss.
+  (see `HardNegatives`), so its loss is not an estimate of the full loss;
+- kernel-<alpha>: `KernelSampler`, q ∝ alpha (h . w)^2 + 1 over the fixed
+  item table (`--kernel-alpha`, default 100), K draws *per row* (its
+  proposal depends on the row), exact log q; uniform-per-row is uniform
+  with per-row draws, its apples-to-apples baseline (same bias as shared
+  uniform, different variance).
+
+`--samplers` restricts the run to some of the names above (and "tf" for
+TensorFlow's own sampled softmax).
 
 TensorFlow: `tf.nn.sampled_softmax_loss` with sampled_values from
 `tf.random.log_uniform_candidate_sampler(unique=True)` (TF's default:
@@ -99,6 +107,11 @@ def parse_args():
     p.add_argument("--cache", default=None,
                    help="weights file: loaded if present, else written")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samplers", nargs="+", default=None,
+                   help="only these samplers (names as in the records, "
+                        "'tf' for tf.nn.sampled_softmax_loss); default all")
+    p.add_argument("--kernel-alpha", type=float, default=100.0,
+                   help="alpha of the kernel sampler")
     args = p.parse_args()
     quick = args.quick
     if args.repeats is None:
@@ -207,7 +220,7 @@ def warmed_in_batch(num_items, all_targets, rows, steps, seed):
     return sampler, reset
 
 
-def sampler_specs(args, num_items, counts, all_targets):
+def sampler_specs(args, num_items, counts, all_targets, table=None):
     seed = args.seed
     rows = args.rows
     specs = {}
@@ -252,6 +265,26 @@ def sampler_specs(args, num_items, counts, all_targets):
 
     specs["hard-negatives-uniform"] = _needs("HardNegatives") or {
         "build": hard}
+
+    specs["uniform-per-row"] = {"build": lambda k: Built(
+        samplers.Uniform(num_items, seed=seed), shared=False, chunk_rows=256,
+        draws="K per row")}
+
+    def kernel(k):
+        del k
+        # The table is fixed here, so the tree is built once ("manual").
+        sampler = samplers.KernelSampler(
+            num_items, int(table.shape[1]), alpha=args.kernel_alpha,
+            refresh="manual", item_table=table, seed=seed)
+        return Built(sampler, shared=False, chunk_rows=256,
+                     alpha=args.kernel_alpha, leaf_size=sampler.leaf_size,
+                     draws="K per row, exact tree draws")
+
+    specs[f"kernel-{args.kernel_alpha:g}"] = (
+        _needs("KernelSampler") or {"build": kernel})
+    if args.samplers:
+        specs = {name: spec for name, spec in specs.items()
+                 if name in args.samplers}
     return specs
 
 
@@ -435,7 +468,7 @@ def main():
                             f"{args.train_epochs} epochs, seed {args.seed}"}
     reduction = tf_keras.losses.Reduction.NONE
     records = []
-    specs = sampler_specs(args, num_items, counts, all_targets)
+    specs = sampler_specs(args, num_items, counts, all_targets, table)
     for name, spec in specs.items():
         if isinstance(spec, str):
             print(f"skipping {name}: {spec}", flush=True)
@@ -472,7 +505,8 @@ def main():
                   f"cos_single={figures['grad_cosine_single']:.4f} "
                   f"loss_rel_err={figures['loss_rel_error']:+.4f} "
                   f"({figures['seconds_per_draw']:.3f} s/draw)", flush=True)
-    for unique in (True, False):
+    for unique in ((True, False) if not args.samplers
+                   or "tf" in args.samplers else ()):
         name = "log-uniform-unique" if unique else "log-uniform"
         for k in args.ks:
             step = make_step(tf_sampled_softmax(num_items, k, unique,

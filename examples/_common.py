@@ -93,19 +93,25 @@ def item_counts(train, num_items):
     return np.bincount(train.items, minlength=num_items).astype(np.int64)
 
 
-def make_sampler(name, train, num_items, unigram_alpha=0.75, seed=0):
+def make_sampler(name, train, num_items, unigram_alpha=0.75, seed=0,
+                 dim=None, kernel_alpha=100.0, leaf_size=None):
     """A sampler by its command-line name.
 
     Args:
-        name: one of SAMPLERS. log-uniform relies on ids sorted by decreasing
-            training frequency (`data.to_sequences` does that); unigram is
-            (count + 1)^alpha over `train`'s items (pseudo-count 1: items
-            seen only in validation / test have count 0); mixed is in-batch
-            followed by uniform draws.
+        name: one of SAMPLERS, or "kernel". log-uniform relies on ids sorted
+            by decreasing training frequency (`data.to_sequences` does that);
+            unigram is (count + 1)^alpha over `train`'s items (pseudo-count
+            1: items seen only in validation / test have count 0); mixed is
+            in-batch followed by uniform draws; kernel is the quadratic-kernel
+            sampler (per-row negatives only: use it with shared=False).
         train: SequenceData of the training sequences.
         num_items: catalog size C.
         unigram_alpha: exponent of the unigram sampler.
         seed: the sampler's seed.
+        dim: D of the hidden states / item embeddings (kernel only).
+        kernel_alpha: alpha of the kernel sampler.
+        leaf_size: leaf size of the kernel sampler's tree (None: its
+            default, 2 D in [32, 256]).
     """
     if name == "uniform":
         return samplers.Uniform(num_items, seed=seed)
@@ -119,4 +125,11 @@ def make_sampler(name, train, num_items, unigram_alpha=0.75, seed=0):
     if name == "mixed":
         return samplers.Mixed(samplers.InBatch(num_items, seed=seed),
                               samplers.Uniform(num_items, seed=seed + 1))
-    raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
+    if name == "kernel":
+        if dim is None:
+            raise ValueError("the kernel sampler needs dim, the width D of "
+                             "the hidden states and item embeddings")
+        return samplers.KernelSampler(num_items, dim, alpha=kernel_alpha,
+                                      leaf_size=leaf_size, seed=seed)
+    raise ValueError(f"sampler must be one of {SAMPLERS + ('kernel',)}, got "
+                     f"{name!r}")
