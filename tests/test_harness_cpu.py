@@ -9,33 +9,17 @@ softmax, recomputed probabilities, mirrored key blocks) against the
 reference on the harness's adversarial cases. A planted bug must fail it.
 """
 
-import importlib.util
-import json
-import os
-
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HARNESS = os.path.join(ROOT, "custom_ops", "harness", "ragged_attention.py")
+from harness_testing import build_emulated_or_skip
+from harness_testing import load_harness
+from harness_testing import run_mode
 
-
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("ra_harness", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ra = _load_harness()
+ra = load_harness("ragged_attention")
 
 
 def test_cpu_reference_quick_passes(capsys):
-    assert ra.main(["--cpu-reference", "--quick"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
-             if line.startswith("{")]
-    summary = lines[-1]
-    assert summary["summary"] == "cpu-reference" and summary["ok"]
-    checks = {r["check"] for r in lines if "check" in r}
+    _, checks = run_mode(ra, "cpu-reference", ["--quick"], capsys)
     assert {"reference_fd_grad_q", "planner_coverage_and_order",
             "simulation/huge_scores", "simulation/empty_rows",
             "simulation/no_rows"} <= checks
@@ -96,27 +80,9 @@ _EMULATED_RUNS = [
 ]
 
 
-def _emulation_available():
-    import shutil  # pylint: disable=import-outside-toplevel
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        return "no C++ compiler"
-    if not ra._cuda_include_dirs():  # pylint: disable=protected-access
-        return "no cuda_runtime.h (TensorFlow's bundled CUDA headers)"
-    return None
-
-
 def test_cuda_source_under_emulation(tmp_path):
-    import pytest  # pylint: disable=import-outside-toplevel
-    reason = _emulation_available()
-    if reason:
-        pytest.skip(reason)
-    try:
-        path = ra.build_emulated_library(
-            str(tmp_path / "libtfrec_fast_kernels_emulated.so"))
-    except RuntimeError as e:
-        if "_Float16" in str(e):
-            pytest.skip("compiler without _Float16")
-        raise
+    path = build_emulated_or_skip(
+        ra, str(tmp_path / "libtfrec_fast_kernels_emulated.so"))
     kernels = ra.NumpyKernels(ra.KernelLibrary(path))
     cases = {c[0]: c for c in ra.check_cases(long_row=200)}
     for name, dtype, causal, block_rows, planner, order in _EMULATED_RUNS:

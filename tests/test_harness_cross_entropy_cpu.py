@@ -12,50 +12,22 @@ port of counter_rng.h (and TensorFlow's, where importable); the harness's
 CPU mode; a planted bug must fail. PyTorch parts skip without PyTorch.
 """
 
-import importlib.util
-import json
-import os
-import shutil
-
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HARNESS = os.path.join(ROOT, "custom_ops", "harness", "cross_entropy.py")
+from harness_testing import build_emulated_or_skip
+from harness_testing import load_harness
+from harness_testing import run_mode
 
-
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("ce_harness", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ce = _load_harness()
-
-
-def _emulation_unavailable():
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        return "no C++ compiler"
-    if not ce._cuda_include_dirs():  # pylint: disable=protected-access
-        return "no cuda_runtime.h (TensorFlow's bundled CUDA headers)"
-    return None
+ce = load_harness("cross_entropy")
 
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
     """(KernelLibrary, NumpyKernels) of the emulated build (built once)."""
-    reason = _emulation_unavailable()
-    if reason:
-        pytest.skip(reason)
-    path = str(tmp_path_factory.mktemp("ce_emu") /
-               "libtfrec_fast_cross_entropy_emulated.so")
-    try:
-        ce.build_emulated_library(path)
-    except RuntimeError as e:
-        if "_Float16" in str(e):
-            pytest.skip("compiler without _Float16")
-        raise
+    path = build_emulated_or_skip(
+        ce, str(tmp_path_factory.mktemp("ce_emu") /
+                "libtfrec_fast_cross_entropy_emulated.so"))
     library = ce.KernelLibrary(path)
     return library, ce.NumpyKernels(library)
 
@@ -115,13 +87,9 @@ def test_rng_port_matches_the_cpp_header(emulated):
 
 def test_cpu_reference_quick_passes(capsys, emulated):
     library, _ = emulated
-    assert ce.main(["--cpu-reference", "--quick", "--emulated-lib",
-                    library.path]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
-             if line.startswith("{")]
-    summary = lines[-1]
-    assert summary["summary"] == "cpu-reference" and summary["ok"]
-    checks = {r["check"] for r in lines if "check" in r}
+    lines, checks = run_mode(ce, "cpu-reference",
+                             ["--quick", "--emulated-lib", library.path],
+                             capsys)
     assert {"reference_fd/cce/random", "reference_fd/ccem/given_shared",
             "rng_port", "rng_unigram_frequencies",
             "planted_bug_detected"} <= checks

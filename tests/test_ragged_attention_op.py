@@ -9,7 +9,6 @@ that name the argument.
 """
 
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -23,10 +22,11 @@ from tfrec_fast import ops
 from tfrec_fast.ops import _library
 import tfrec_fast.ops.ragged_attention  # noqa: F401
 
+from cpu_isa_testing import assert_passes_on_every_isa
+
 # `tfrec_fast.ops.ragged_attention` the attribute is the function; the module:
 ra = sys.modules["tfrec_fast.ops.ragged_attention"]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = _library.DEFAULT_LIBRARY
 needs_library = pytest.mark.skipif(
     not os.path.isfile(LIB.library_path),
@@ -347,20 +347,9 @@ _ISA_SCRIPT = textwrap.dedent("""
 
 @needs_library
 def test_every_instruction_set_matches_reference():
-    # The vector code is compiled for AVX-512, AVX2 and the baseline target
-    # and picked at run time; TFREC_FAST_CPU_ISA caps the pick, so each
-    # path this CPU can run is checked (in fresh processes, in parallel).
-    procs = []
-    for isa in ("generic", "avx2"):
-        env = dict(os.environ, TFREC_FAST_CPU_ISA=isa, TF_CPP_MIN_LOG_LEVEL="3",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get(
-                       "PYTHONPATH", ""))
-        procs.append((isa, subprocess.Popen(
-            [sys.executable, "-c", _ISA_SCRIPT], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-    for isa, proc in procs:
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0 and "ok" in stdout, (isa, stderr[-3000:])
+    # Each instruction set the vector code is compiled for, as far as this
+    # CPU runs it (TFREC_FAST_CPU_ISA caps the run-time pick).
+    assert_passes_on_every_isa(_ISA_SCRIPT)
 
 
 # ------------------------------------------------------------ property test

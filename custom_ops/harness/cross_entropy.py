@@ -61,28 +61,26 @@ import json
 import math
 import os
 import re
-import statistics
 import sys
 import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-DEFAULT_LIBRARY = os.path.join(HERE, "build", "libtfrec_fast_kernels.so")
+if HERE not in sys.path:  # also when loaded by path (tests/)
+    sys.path.insert(0, HERE)
+# pylint: disable=wrong-import-position
+import harness_common  # noqa: E402
+from harness_common import (  # noqa: E402
+    DEFAULT_LIBRARY, DEFAULT_OUT_DIR, DTYPE_CODES, ROOT, TOLERANCES,
+    CApiLibrary, EmulationControls, cuda_torch, decode, emit, emit_summary,
+    encode, nan_array, normalized_error, round_to, storage_dtype,
+    stream_handle, time_cuda)
+# pylint: enable=wrong-import-position
+
 EMULATED_LIBRARY = os.path.join(HERE, "build",
                                 "libtfrec_fast_cross_entropy_emulated.so")
-DEFAULT_OUT_DIR = os.path.join(HERE, "build", "results")
-
-DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 SAMPLING_CODES = {"given": 0, "uniform": 1, "unigram": 2}
-TOLERANCES = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
-
-
-def _emit(record, sink=None):
-    print(json.dumps(record, sort_keys=True), flush=True)
-    if sink is not None:
-        sink.append(record)
 
 
 # ---------------------------------------------------------------------------
@@ -179,61 +177,6 @@ def alias_probabilities(accept, alias):
 
 # ---------------------------------------------------------------------------
 # Types
-
-def round_to(x, dtype):
-    """float32 values rounded to `dtype` (round to nearest even), as float32."""
-    x = np.asarray(x, np.float32)
-    if dtype == "float32":
-        return x.copy()
-    if dtype == "float16":
-        return x.astype(np.float16).astype(np.float32)
-    bits = x.view(np.uint32).astype(np.uint64)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
-    out = rounded.astype(np.uint32).view(np.float32)
-    return np.where(np.isnan(x), x, out).astype(np.float32)
-
-
-def encode(x, dtype):
-    """float32 values (already rounded) -> the kernels' storage."""
-    x = np.ascontiguousarray(x, np.float32)
-    if dtype == "float32":
-        return x
-    if dtype == "float16":
-        return x.astype(np.float16)
-    return (round_to(x, "bfloat16").view(np.uint32) >> 16).astype(np.uint16)
-
-
-def decode(x, dtype):
-    if dtype == "bfloat16":
-        return (np.asarray(x).astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(x, np.float32)
-
-
-def storage_dtype(dtype):
-    return {"float32": np.float32, "float16": np.float16,
-            "bfloat16": np.uint16}[dtype]
-
-
-def normalized_error(x, ref):
-    """max |x - ref| / max(1, max |ref|); inf on a NaN / inf mismatch."""
-    x = np.asarray(x, np.float64)
-    ref = np.asarray(ref, np.float64)
-    if x.shape != ref.shape:
-        return float("inf")
-    if x.size == 0:
-        return 0.0
-    bad_ref = ~np.isfinite(ref)
-    if np.any(bad_ref):
-        same = (np.isnan(x) & np.isnan(ref)) | (x == ref)
-        if not np.all(same[bad_ref]):
-            return float("inf")
-        x, ref = x[~bad_ref], ref[~bad_ref]
-        if x.size == 0:
-            return 0.0
-    if not np.all(np.isfinite(x)):
-        return float("inf")
-    return float(np.max(np.abs(x - ref)) / max(1.0, np.max(np.abs(ref))))
-
 
 # ---------------------------------------------------------------------------
 # Cases and inputs
@@ -460,21 +403,13 @@ _c_i64 = ctypes.c_int64
 _c_ptr = ctypes.c_void_p
 
 
-class KernelLibrary:
+class KernelLibrary(CApiLibrary):
     """libtfrec_fast_kernels.so (or the emulated build) via
     cross_entropy_capi.cc."""
 
     def __init__(self, path=DEFAULT_LIBRARY):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} not found: run custom_ops/harness/build.sh")
-        self.path = path
-        lib = ctypes.CDLL(path)
-        lib.tfrec_ce_abi_version.restype = _c_int
-        if lib.tfrec_ce_abi_version() != 1:
-            raise RuntimeError(f"{path}: unexpected ABI version")
-        lib.tfrec_ce_error_string.restype = ctypes.c_char_p
-        lib.tfrec_ce_error_string.argtypes = [_c_int]
+        super().__init__(path, "tfrec_ce_")
+        lib = self.lib
         for name in ("tfrec_ce_cce_workspace_bytes",
                      "tfrec_ce_ccem_workspace_bytes"):
             getattr(lib, name).restype = _c_int
@@ -496,12 +431,6 @@ class KernelLibrary:
                                                               _c_i64, _c_ptr]
         lib.tfrec_ce_rng_draws.restype = None
         lib.tfrec_ce_rng_draws.argtypes = [_c_i64] * 6 + [_c_ptr] * 3
-        self.lib = lib
-
-    def check(self, err, what):
-        if err != 0:
-            raise RuntimeError(f"{what} failed: CUDA error {err} "
-                               f"({self.lib.tfrec_ce_error_string(err)!r})")
 
     def workspace_bytes(self, kind, dims, backward):
         out = _c_i64(0)
@@ -545,27 +474,9 @@ def ccem_dims(dtype, inp, targets64=True, neg64=True, remove_hits=True,
 # ---------------------------------------------------------------------------
 # Emulated kernels on NumPy arrays
 
-def _cuda_include_dirs():
-    """Directories with cuda_runtime.h: TensorFlow's copy, then toolkits."""
-    import importlib.util  # pylint: disable=import-outside-toplevel
-    dirs = []
-    if os.environ.get("CUDA_INCLUDE"):
-        dirs.append(os.environ["CUDA_INCLUDE"])
-    spec = importlib.util.find_spec("tensorflow")
-    for base in (spec.submodule_search_locations or []) if spec else []:
-        dirs.append(os.path.join(base, "include", "third_party", "gpus",
-                                 "cuda", "include"))
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home:
-            dirs.append(os.path.join(home, "include"))
-    return [d for d in dirs
-            if os.path.isfile(os.path.join(d, "cuda_runtime.h"))]
-
-
 def emulated_sources():
     kernels = os.path.join(ROOT, "custom_ops", "kernels")
     return [os.path.join(HERE, "emulation", "cross_entropy_emulated.cc"),
-            os.path.join(HERE, "emulation", "cuda_emulation.h"),
             os.path.join(HERE, "cross_entropy_capi.cc"),
             os.path.join(kernels, "cut_cross_entropy.cu.cc"),
             os.path.join(kernels, "cut_cross_entropy_gpu.h"),
@@ -576,57 +487,21 @@ def emulated_sources():
 
 def build_emulated_library(path=EMULATED_LIBRARY, cxx=None):
     """g++ build of the emulated kernels (if missing or older than sources)."""
-    import subprocess  # pylint: disable=import-outside-toplevel
-    if os.path.isfile(path) and all(
-            os.path.getmtime(path) >= os.path.getmtime(src)
-            for src in emulated_sources()):
-        return path
-    includes = _cuda_include_dirs()
-    if not includes:
-        raise RuntimeError("no cuda_runtime.h found (TensorFlow's bundled "
-                           "CUDA headers or a CUDA toolkit; set "
-                           "CUDA_INCLUDE)")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + f".{os.getpid()}.tmp"
-    cmd = [cxx or os.environ.get("CXX", "g++"), "-std=c++20", "-O2", "-fPIC",
-           "-shared", "-Wl,-Bsymbolic", "-I" + ROOT, "-I" + includes[0],
-           "-Wall", "-Wextra", "-Wno-unknown-pragmas",
-           emulated_sources()[0], "-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError("emulated build failed:\n" + " ".join(cmd) +
-                           "\n" + proc.stderr[-4000:])
-    os.replace(tmp, path)
-    return path
+    return harness_common.build_emulated_library(path, emulated_sources(),
+                                                 cxx)
 
 
 def _ptr(x):
     return None if x is None else x.ctypes.data
 
 
-def _nan_array(shape, dtype):
-    storage = storage_dtype(dtype)
-    if storage == np.uint16:
-        return np.full(shape, 0x7FC0, np.uint16)
-    return np.full(shape, np.nan, storage)
-
-
-class NumpyKernels:
-    """The C ABI on host arrays: for the emulated library only."""
-
-    SCHEDULES = {"round_robin": 0, "lowest_first": 1, "highest_first": 2}
+class NumpyKernels(EmulationControls):
+    """The C ABI on host arrays: for the emulated library only. Every
+    block's shared memory starts as NaNs."""
 
     def __init__(self, library):
-        self.lib = library
-        self.lib.lib.tfrec_emu_set_schedule.restype = _c_int
-        self.lib.lib.tfrec_emu_set_schedule.argtypes = [_c_int]
-        self.lib.lib.tfrec_emu_set_shared_fill.restype = None
-        self.lib.lib.tfrec_emu_set_shared_fill.argtypes = [_c_int]
-        self.lib.lib.tfrec_emu_set_shared_fill(0xFF)
-
-    def set_schedule(self, name):
-        if self.lib.lib.tfrec_emu_set_schedule(self.SCHEDULES[name]) != 0:
-            raise ValueError(name)
+        super().__init__(library)
+        self.set_shared_fill(0xFF)
 
     @staticmethod
     def _ids(y, is64):
@@ -652,8 +527,8 @@ class NumpyKernels:
             dims.ctypes.data, eh.ctypes.data, ew.ctypes.data, _ptr(bb),
             yy.ctypes.data, loss.ctypes.data, lse.ctypes.data,
             ws.ctypes.data, nbytes, None), "cce forward")
-        dh = _nan_array((n, d), dtype)
-        dw = _nan_array((c, d), dtype)
+        dh = nan_array((n, d), storage_dtype(dtype))
+        dw = nan_array((c, d), storage_dtype(dtype))
         db = np.full(c, np.nan, np.float32) if b is not None else None
         gg = np.ascontiguousarray(g, np.float32)
         ws, nbytes = self._workspace("cce", dims, True)
@@ -687,8 +562,8 @@ class NumpyKernels:
             yy.ctypes.data, *extra, loss.ctypes.data, lse.ctypes.data,
             ws.ctypes.data, nbytes, None), "ccem forward")
         rows = self.lib.lib.tfrec_ce_ccem_item_grad_rows(dims.ctypes.data)
-        dh = _nan_array((n, d), dtype)
-        dw = _nan_array((rows, d), dtype)
+        dh = nan_array((n, d), storage_dtype(dtype))
+        dw = nan_array((rows, d), storage_dtype(dtype))
         db = np.full(rows, np.nan, np.float32) if b is not None else None
         gg = np.ascontiguousarray(g, np.float32)
         ws, nbytes = self._workspace("ccem", dims, True)
@@ -738,7 +613,7 @@ def emulated_ccem_run(kernels, case, dtype, simt=False, targets64=True,
 
 def _record(records, check, err, tol, **extra):
     ok = bool(err <= tol)
-    _emit(dict({"check": check, "error": err, "tol": tol, "ok": ok},
+    emit(dict({"check": check, "error": err, "tol": tol, "ok": ok},
                **extra), records)
     return ok
 
@@ -840,7 +715,7 @@ def emulated_invalid_ids(kernels, records):
     loss = kernels.cce(inp, "float32")[0]
     good = bool(np.isnan(loss[3]) and np.all(np.isfinite(np.delete(loss, 3))))
     ok &= good
-    _emit({"check": "emulated/cce/invalid_target", "ok": good}, records)
+    emit({"check": "emulated/cce/invalid_target", "ok": good}, records)
     for case in (CCEM_CASES[0], CCEM_CASES[1]):
         inp = make_ccem_inputs(case, "float32")
         inp["ids"] = inp["ids"].copy()
@@ -850,7 +725,7 @@ def emulated_invalid_ids(kernels, records):
         good = bool(np.all(bad) if case[2] else
                     np.all(bad) and len(bad) == len(loss))
         ok &= good
-        _emit({"check": f"emulated/ccem/{case[0]}/invalid_negative",
+        emit({"check": f"emulated/ccem/{case[0]}/invalid_negative",
                "ok": good}, records)
     return ok
 
@@ -876,7 +751,7 @@ def rng_checks(records, library=None, quick=False):
                     vec, library.rng_draws(seed, step, off, rows, draws, c,
                                            acc, ali))
             ok &= bool(good)
-            _emit({"check": "rng_port", "seed": seed, "num_items": c,
+            emit({"check": "rng_port", "seed": seed, "num_items": c,
                    "unigram": acc is not None, "cpp": library is not None,
                    "ok": bool(good)}, records)
     # The unigram draws follow the alias table's distribution.
@@ -946,7 +821,7 @@ def planted_bug_check(records):
     removed = ccem_reference(inp, remove_hits=True)
     err = max(compare(kept, removed).values())
     good = err > 1e-2
-    _emit({"check": "planted_bug_detected", "error": err, "ok": good},
+    emit({"check": "planted_bug_detected", "error": err, "ok": good},
           records)
     return good
 
@@ -956,7 +831,7 @@ def torch_cpu_checks(records):
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError:
-        _emit({"note": "PyTorch not installed: torch reference not checked"},
+        emit({"note": "PyTorch not installed: torch reference not checked"},
               records)
         return True
     ok = True
@@ -991,9 +866,8 @@ def run_emulated(args):
     ok = rng_checks(records, library, quick=True)
     ok &= emulated_checks(kernels, records, quick=args.quick,
                           only=args.cases)
-    _emit({"summary": "emulated", "ok": bool(ok), "checks": len(records),
-           "failed": [r["check"] for r in records if r.get("ok") is False],
-           "library": path, "seconds": round(time.time() - t0, 2)})
+    emit_summary("emulated", ok, records, library=path,
+                 seconds=round(time.time() - t0, 2))
     return 0 if ok else 1
 
 
@@ -1004,16 +878,14 @@ def run_cpu_reference(args):
     try:
         library = KernelLibrary(build_emulated_library(args.emulated_lib))
     except (RuntimeError, OSError) as e:
-        _emit({"note": f"no emulated library, C++ RNG not compared: {e}"})
+        emit({"note": f"no emulated library, C++ RNG not compared: {e}"})
     ok = finite_difference_checks(records)
     ok &= rng_checks(records, library, quick=args.quick)
     ok &= planted_bug_check(records)
     if not args.quick:
         ok &= torch_cpu_checks(records)
-    _emit({"summary": "cpu-reference", "ok": bool(ok),
-           "checks": len(records),
-           "failed": [r["check"] for r in records if r.get("ok") is False],
-           "seconds": round(time.time() - t0, 2)})
+    emit_summary("cpu-reference", ok, records,
+                 seconds=round(time.time() - t0, 2))
     return 0 if ok else 1
 
 
@@ -1098,11 +970,6 @@ class TorchKernels:
         self.types = {"float32": torch.float32, "float16": torch.float16,
                       "bfloat16": torch.bfloat16}
 
-    def _stream(self, device):
-        if device.type != "cuda":  # CPU tensors: the emulated library
-            return None
-        return self.torch.cuda.current_stream(device).cuda_stream
-
     @staticmethod
     def _p(x):
         return None if x is None else x.data_ptr()
@@ -1124,7 +991,7 @@ class TorchKernels:
         self.lib.check(self.lib.lib.tfrec_ce_cce_forward(
             dims.ctypes.data, h.data_ptr(), w.data_ptr(), self._p(b),
             y.data_ptr(), loss.data_ptr(), lse.data_ptr(), ws.data_ptr(),
-            nbytes, self._stream(h.device)), "cce forward")
+            nbytes, stream_handle(self.torch, h.device)), "cce forward")
         return loss, lse
 
     def cce_backward(self, h, w, b, y, lse, g, simt=False):
@@ -1140,7 +1007,7 @@ class TorchKernels:
             dims.ctypes.data, h.data_ptr(), w.data_ptr(), self._p(b),
             y.data_ptr(), lse.data_ptr(), g.data_ptr(), dh.data_ptr(),
             dw.data_ptr(), self._p(db), ws.data_ptr(), nbytes,
-            self._stream(h.device)), "cce backward")
+            stream_handle(self.torch, h.device)), "cce backward")
         return dh, dw, db
 
     def _ccem_dims(self, h, w, b, y, neg, remove_hits, simt):
@@ -1171,7 +1038,7 @@ class TorchKernels:
         self.lib.check(self.lib.lib.tfrec_ce_ccem_forward(
             dims.ctypes.data, h.data_ptr(), w.data_ptr(), self._p(b),
             y.data_ptr(), *self._ccem_extra(neg), loss.data_ptr(),
-            lse.data_ptr(), ws.data_ptr(), nbytes, self._stream(h.device)),
+            lse.data_ptr(), ws.data_ptr(), nbytes, stream_handle(self.torch, h.device)),
             "ccem forward")
         return loss, lse
 
@@ -1189,7 +1056,7 @@ class TorchKernels:
             dims.ctypes.data, h.data_ptr(), w.data_ptr(), self._p(b),
             y.data_ptr(), *self._ccem_extra(neg), lse.data_ptr(),
             g.data_ptr(), dh.data_ptr(), dw.data_ptr(), self._p(db),
-            ws.data_ptr(), nbytes, self._stream(h.device)), "ccem backward")
+            ws.data_ptr(), nbytes, stream_handle(self.torch, h.device)), "ccem backward")
         return dh, dw, db
 
 
@@ -1330,7 +1197,7 @@ def _determinism_checks(kernels, device, records):
                 t["h"], t["w"], t["b"], t["y"], lse, t["g"]))
         same = all(torch.equal(a, b) for a, b in zip(*runs))
         ok &= same
-        _emit({"check": "gpu/cce/deterministic", "dtype": dtype,
+        emit({"check": "gpu/cce/deterministic", "dtype": dtype,
                "ok": bool(same)}, records)
         for case, exact in ((GPU_LARGE_CCEM[1], 5), (CCEM_CASES[2], 3)):
             inp = make_ccem_inputs(case, dtype)
@@ -1344,7 +1211,7 @@ def _determinism_checks(kernels, device, records):
             same = all(torch.equal(a, b) for a, b in
                        list(zip(*runs))[:exact])
             ok &= same
-            _emit({"check": f"gpu/ccem/{case[0]}/deterministic",
+            emit({"check": f"gpu/ccem/{case[0]}/deterministic",
                    "dtype": dtype, "compared": exact, "ok": bool(same)},
                   records)
     return ok
@@ -1359,7 +1226,7 @@ def _invalid_id_checks(kernels, device, records):
     loss = loss.cpu().numpy()
     good = bool(np.isnan(loss[5]) and np.all(np.isfinite(np.delete(loss,
                                                                     5))))
-    _emit({"check": "gpu/cce/invalid_target_nan", "ok": good}, records)
+    emit({"check": "gpu/cce/invalid_target_nan", "ok": good}, records)
     inp = make_ccem_inputs(CCEM_CASES[0], "float32")
     t = _to_torch(torch, inp, "float32", device)
     t["neg"]["ids"][4, 3] = 10 ** 9
@@ -1372,28 +1239,12 @@ def _invalid_id_checks(kernels, device, records):
     loss = loss.cpu().numpy()
     good2 = bool(np.isnan(loss[4]) and np.all(np.isfinite(np.delete(loss,
                                                                      4))))
-    _emit({"check": "gpu/ccem/invalid_negative_nan", "ok": good2}, records)
+    emit({"check": "gpu/ccem/invalid_negative_nan", "ok": good2}, records)
     return good and good2
 
 
 # ---------------------------------------------------------------------------
 # GPU mode: benchmark
-
-def _time_cuda(torch, fn, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
 
 def _peak_bytes(torch, fn):
     """Peak bytes allocated during fn() above what was allocated before."""
@@ -1420,7 +1271,7 @@ def run_benchmarks(kernels, device, args):
             t0 = time.perf_counter()
             fn()
             return time.perf_counter() - t0, 0
-        step = _time_cuda(torch, fn, args.warmup, args.repeats)
+        step = time_cuda(torch, fn, args.warmup, args.repeats)
         return step, _peak_bytes(torch, fn)
 
     def release():
@@ -1537,11 +1388,11 @@ def run_benchmarks(kernels, device, args):
                         step, peak = measure(fn)
                     except (RuntimeError, MemoryError) as e:
                         release()
-                        _emit({"impl": impl, "config": cfg,
+                        emit({"impl": impl, "config": cfg,
                                "error": str(e)[:300], "device": name},
                               records)
                         continue
-                    _emit({"impl": impl, "config": cfg, "step_s": step,
+                    emit({"impl": impl, "config": cfg, "step_s": step,
                            "peak_bytes": int(peak), "device": name},
                           records)
                     release()
@@ -1605,15 +1456,8 @@ def _slug(name):
 
 
 def run_gpu(args):
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        print("PyTorch is needed for the GPU mode (try --cpu-reference or "
-              "--emulated)", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available():
-        print("no CUDA device visible to PyTorch (try --cpu-reference or "
-              "--emulated)", file=sys.stderr)
+    torch = cuda_torch("try --cpu-reference or --emulated")
+    if torch is None:
         return 2
     device = torch.device("cuda", torch.cuda.current_device())
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -1627,10 +1471,7 @@ def run_gpu(args):
     if not args.skip_checks:
         ok, records = gpu_checks(kernels, device, quick=args.quick,
                                  only=args.cases)
-        _emit({"summary": "gpu-checks", "ok": bool(ok),
-               "checks": len(records),
-               "failed": [r["check"] for r in records
-                          if r.get("ok") is False], "device": name})
+        emit_summary("gpu-checks", ok, records, device=name)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"cross_entropy_{_slug(name)}")
     results = list(records)
@@ -1638,11 +1479,11 @@ def run_gpu(args):
         bench = run_benchmarks(kernels, device, args)
         results += bench
         plot(bench, stem + ".png")
-        _emit({"note": "plot written", "png": stem + ".png"})
+        emit({"note": "plot written", "png": stem + ".png"})
     with open(stem + ".json", "w") as f:
         json.dump({"device": name, "torch": torch.__version__,
                    "records": results}, f, indent=1)
-    _emit({"note": "records written", "json": stem + ".json"})
+    emit({"note": "records written", "json": stem + ".json"})
     return 0 if ok else 1
 
 
@@ -1668,16 +1509,14 @@ def run_emulated_torch(args):
     bench = run_benchmarks(kernels, device, tiny)
     failed = [r for r in bench if "error" in r]
     ok &= not failed
-    _emit({"check": "emulated-torch/benchmark_code", "runs": len(bench),
+    emit({"check": "emulated-torch/benchmark_code", "runs": len(bench),
            "errors": failed[:3], "ok": not failed}, records)
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "cross_entropy_emulated_selftest.png")
     plot(bench, png)
-    _emit({"note": "self-test plot written", "png": png})
-    _emit({"summary": "emulated-torch", "ok": bool(ok),
-           "checks": len(records),
-           "failed": [r["check"] for r in records if r.get("ok") is False],
-           "seconds": round(time.time() - t0, 2)})
+    emit({"note": "self-test plot written", "png": png})
+    emit_summary("emulated-torch", ok, records,
+                 seconds=round(time.time() - t0, 2))
     return 0 if ok else 1
 
 

@@ -71,29 +71,25 @@ import ctypes
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-DEFAULT_LIBRARY = os.path.join(HERE, "build", "libtfrec_fast_kernels.so")
-DEFAULT_OUT_DIR = os.path.join(HERE, "build", "results")
+if HERE not in sys.path:  # also when loaded by path (tests/)
+    sys.path.insert(0, HERE)
+# pylint: disable=wrong-import-position
+import harness_common  # noqa: E402
+# TOLERANCES: normalised max error (see the module docstring) allowed per
+# dtype.
+from harness_common import (  # noqa: E402
+    DEFAULT_LIBRARY, DEFAULT_OUT_DIR, DTYPE_CODES, ROOT, TOLERANCES,
+    CApiLibrary, EmulationControls, cuda_torch, decode, emit, emit_summary,
+    encode, nan_array, normalized_error, round_to, stream_handle, time_cuda)
+# pylint: enable=wrong-import-position
 
 LOG2E = 1.4426950408889634
-
-DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
-# Normalised max error (see the module docstring) allowed per dtype.
-TOLERANCES = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
-
-
-def _emit(record, sink=None):
-    line = json.dumps(record, sort_keys=True)
-    print(line, flush=True)
-    if sink is not None:
-        sink.append(record)
 
 
 # ---------------------------------------------------------------------------
@@ -345,18 +341,6 @@ def simulate_backward(q, k, v, out, lse, d_out, items, block_rows, causal,
 # ---------------------------------------------------------------------------
 # Cases
 
-def round_to(x, dtype):
-    """float32 values of x rounded to `dtype` (round to nearest even)."""
-    x = np.asarray(x, np.float32)
-    if dtype == "float32":
-        return x
-    if dtype == "float16":
-        return x.astype(np.float16).astype(np.float32)
-    bits = x.view(np.uint32).astype(np.uint64)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.astype(np.uint32).view(np.float32)
-
-
 def make_case(lengths, heads, head_dim, value_dim=None, seed=0,
               magnitude=1.0):
     """Packed float32 q, k, v, d_out and int64 row_splits (NumPy)."""
@@ -412,16 +396,6 @@ def case_tolerance(dtype, baseline, ref):
     return max(TOLERANCES[dtype], 4 * worst), worst
 
 
-def normalized_error(x, ref):
-    x = np.asarray(x, np.float64)
-    ref = np.asarray(ref, np.float64)
-    if ref.size == 0:
-        return 0.0
-    if not np.all(np.isfinite(x)):
-        return float("inf")
-    return float(np.max(np.abs(x - ref)) / max(1.0, np.max(np.abs(ref))))
-
-
 # ---------------------------------------------------------------------------
 # ctypes binding
 
@@ -430,20 +404,12 @@ _c_int = ctypes.c_int
 _c_ptr = ctypes.c_void_p
 
 
-class KernelLibrary:
+class KernelLibrary(CApiLibrary):
     """libtfrec_fast_kernels.so through its C ABI (ragged_attention_capi.cc)."""
 
     def __init__(self, path=DEFAULT_LIBRARY):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} not found: run custom_ops/harness/build.sh")
-        self.path = path
-        lib = ctypes.CDLL(path)
-        lib.tfrec_ra_abi_version.restype = _c_int
-        if lib.tfrec_ra_abi_version() != 1:
-            raise RuntimeError(f"{path}: unexpected ABI version")
-        lib.tfrec_ra_error_string.restype = ctypes.c_char_p
-        lib.tfrec_ra_error_string.argtypes = [_c_int]
+        super().__init__(path, "tfrec_ra_")
+        lib = self.lib
         lib.tfrec_ra_block_rows.restype = _c_int
         lib.tfrec_ra_block_rows.argtypes = [_c_i64, _c_i64, _c_int,
                                             ctypes.POINTER(_c_int)]
@@ -467,12 +433,6 @@ class KernelLibrary:
         lib.tfrec_ra_backward.argtypes = (
             [_c_int, _c_i64, _c_i64, _c_i64, _c_i64, _c_int, ctypes.c_float,
              _c_int, _c_ptr, _c_ptr, _c_i64, _c_int] + [_c_ptr] * 11)
-        self.lib = lib
-
-    def _check(self, err, what):
-        if err != 0:
-            raise RuntimeError(f"{what} failed: CUDA error {err} "
-                               f"({self.lib.tfrec_ra_error_string(err)!r})")
 
     def plan_host(self, row_splits, block_rows, causal):
         """C++ host planner -> [n, 4] int32 NumPy array (no GPU needed)."""
@@ -493,7 +453,7 @@ class KernelLibrary:
 
     def block_rows(self, head_dim, value_dim, device):
         out = _c_int(0)
-        self._check(self.lib.tfrec_ra_block_rows(head_dim, value_dim, device,
+        self.check(self.lib.tfrec_ra_block_rows(head_dim, value_dim, device,
                                                  ctypes.byref(out)),
                     "block_rows")
         return out.value
@@ -522,9 +482,6 @@ class TorchKernels:
         self.torch = torch
         self.lib = library
 
-    def _stream(self, device):
-        return self.torch.cuda.current_stream(device).cuda_stream
-
     def work_host(self, row_splits, block_rows, causal, device):
         torch = self.torch
         items = self.lib.plan_host(row_splits, block_rows, causal)
@@ -542,8 +499,8 @@ class TorchKernels:
             row_splits_t.data_ptr(), int(row_splits_t.dtype == torch.int64),
             num_rows, num_tokens, block_rows, items.data_ptr(), cap,
             header.data_ptr(), row_splits_t.device.index,
-            self._stream(row_splits_t.device))
-        self.lib._check(err, "plan_device")
+            stream_handle(self.torch, row_splits_t.device))
+        self.lib.check(err, "plan_device")
         return Work(items, cap, block_rows, header)
 
     def forward(self, q, k, v, work, causal, scale):
@@ -560,8 +517,8 @@ class TorchKernels:
             int(causal), float(scale), q.device.index, items, count,
             work.num_items, work.block_rows, q.data_ptr(), k.data_ptr(),
             v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-            self._stream(q.device))
-        self.lib._check(err, "forward")
+            stream_handle(self.torch, q.device))
+        self.lib.check(err, "forward")
         return out, lse
 
     def backward(self, q, k, v, out, lse, d_out, work, causal, scale):
@@ -583,8 +540,8 @@ class TorchKernels:
             work.num_items, work.block_rows, q.data_ptr(), k.data_ptr(),
             v.data_ptr(), out.data_ptr(), lse.data_ptr(), d_out.data_ptr(),
             dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), workspace.data_ptr(),
-            self._stream(q.device))
-        self.lib._check(err, "backward")
+            stream_handle(self.torch, q.device))
+        self.lib.check(err, "backward")
         return dq, dk, dv
 
 
@@ -677,7 +634,7 @@ def _record(records, check, err, tol, **extra):
     ok = bool(err <= tol)
     rec = {"check": check, "max_err": err, "tol": tol, "ok": ok}
     rec.update(extra)
-    _emit(rec, records)
+    emit(rec, records)
     return ok
 
 
@@ -742,11 +699,11 @@ def planner_checks(records, library=None):
                         good &= np.array_equal(
                             library.plan_host(rs, block_rows, causal), items)
                     ok &= good
-    _emit({"check": "planner_coverage_and_order", "ok": bool(ok),
+    emit({"check": "planner_coverage_and_order", "ok": bool(ok),
            "cpp_host_planner_compared": library is not None}, records)
     bad = check_row_splits(np.array([0, 3, 2, 5]), 5)
     ok &= bad == 2
-    _emit({"check": "row_splits_first_bad", "ok": bad == 2}, records)
+    emit({"check": "row_splits_first_bad", "ok": bad == 2}, records)
     if library is not None:
         try:
             library.plan_host(np.array([0, 3, 2, 5], np.int64), 64, True)
@@ -754,7 +711,7 @@ def planner_checks(records, library=None):
         except ValueError:
             rejected = True
         ok &= rejected
-        _emit({"check": "cpp_host_planner_rejects_bad_splits",
+        emit({"check": "cpp_host_planner_rejects_bad_splits",
                "ok": rejected}, records)
     return ok
 
@@ -812,7 +769,7 @@ def torch_cpu_checks(records):
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError:
-        _emit({"check": "torch_reference_cpu", "skipped": "no torch"},
+        emit({"check": "torch_reference_cpu", "skipped": "no torch"},
               records)
         return True
     ok = True
@@ -845,26 +802,8 @@ EMULATED_LIBRARY = os.path.join(HERE, "build",
                                 "libtfrec_fast_kernels_emulated.so")
 
 
-def _cuda_include_dirs():
-    """Directories with cuda_runtime.h: TensorFlow's copy, then toolkits."""
-    import importlib.util  # pylint: disable=import-outside-toplevel
-    dirs = []
-    if os.environ.get("CUDA_INCLUDE"):
-        dirs.append(os.environ["CUDA_INCLUDE"])
-    spec = importlib.util.find_spec("tensorflow")
-    for base in (spec.submodule_search_locations or []) if spec else []:
-        dirs.append(os.path.join(base, "include", "third_party", "gpus",
-                                 "cuda", "include"))
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home:
-            dirs.append(os.path.join(home, "include"))
-    return [d for d in dirs
-            if os.path.isfile(os.path.join(d, "cuda_runtime.h"))]
-
-
 def emulated_sources():
     return [os.path.join(HERE, "emulation", "ragged_attention_emulated.cc"),
-            os.path.join(HERE, "emulation", "cuda_emulation.h"),
             os.path.join(HERE, "ragged_attention_capi.cc"),
             os.path.join(ROOT, "custom_ops", "kernels",
                          "ragged_attention.cu.cc"),
@@ -874,67 +813,12 @@ def emulated_sources():
 
 def build_emulated_library(path=EMULATED_LIBRARY, cxx=None):
     """g++ build of the emulated kernels (if missing or older than sources)."""
-    import subprocess  # pylint: disable=import-outside-toplevel
-    if os.path.isfile(path) and all(
-            os.path.getmtime(path) >= os.path.getmtime(src)
-            for src in emulated_sources()):
-        return path
-    includes = _cuda_include_dirs()
-    if not includes:
-        raise RuntimeError("no cuda_runtime.h found (TensorFlow's bundled "
-                           "CUDA headers or a CUDA toolkit; set "
-                           "CUDA_INCLUDE)")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + f".{os.getpid()}.tmp"
-    cmd = [cxx or os.environ.get("CXX", "g++"), "-std=c++20", "-O2", "-fPIC",
-           "-shared", "-Wl,-Bsymbolic", "-I" + ROOT, "-I" + includes[0],
-           "-Wall", "-Wextra", "-Wno-unknown-pragmas",
-           emulated_sources()[0], "-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError("emulated build failed:\n" + " ".join(cmd) +
-                           "\n" + proc.stderr[-4000:])
-    os.replace(tmp, path)
-    return path
+    return harness_common.build_emulated_library(path, emulated_sources(),
+                                                 cxx)
 
 
-def encode(x, dtype):
-    """float32 values (already rounded to dtype) -> the kernels' storage."""
-    x = np.ascontiguousarray(x, np.float32)
-    if dtype == "float32":
-        return x
-    if dtype == "float16":
-        return x.astype(np.float16)
-    return (round_to(x, "bfloat16").view(np.uint32) >> 16).astype(np.uint16)
-
-
-def decode(x, dtype):
-    if dtype == "bfloat16":
-        return (x.astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(x, np.float32)
-
-
-def _nan_array(shape, storage):
-    """NaNs in a storage dtype (uint16 holds bfloat16 bits)."""
-    if storage == np.uint16:
-        return np.full(shape, 0x7FC0, np.uint16)
-    return np.full(shape, np.nan, storage)
-
-
-class NumpyKernels:
+class NumpyKernels(EmulationControls):
     """The C ABI on host arrays: for the emulated library only."""
-
-    SCHEDULES = {"round_robin": 0, "lowest_first": 1, "highest_first": 2}
-
-    def __init__(self, library):
-        self.lib = library
-        self.lib.lib.tfrec_emu_set_schedule.restype = _c_int
-        self.lib.lib.tfrec_emu_set_schedule.argtypes = [_c_int]
-
-    def set_schedule(self, name):
-        """Order of the emulated threads: see emulation/cuda_emulation.h."""
-        if self.lib.lib.tfrec_emu_set_schedule(self.SCHEDULES[name]) != 0:
-            raise ValueError(name)
 
     def work_host(self, row_splits, block_rows, causal):
         items = np.ascontiguousarray(
@@ -948,7 +832,7 @@ class NumpyKernels:
         cap = max_items(num_rows, num_tokens, block_rows)
         items = np.zeros((max(cap, 1), 4), np.int32)
         header = np.full(2, -7, np.int32)
-        self.lib._check(self.lib.lib.tfrec_ra_plan_device(
+        self.lib.check(self.lib.lib.tfrec_ra_plan_device(
             rs.ctypes.data, int(rs.dtype == np.int64), num_rows, num_tokens,
             block_rows, items.ctypes.data, cap, header.ctypes.data, 0, None),
             "plan_device")
@@ -967,11 +851,11 @@ class NumpyKernels:
         T, H, Dh = q.shape
         Dv = v.shape[2]
         if out is None:
-            out = _nan_array((T, H, Dv), q.dtype)
+            out = nan_array((T, H, Dv), q.dtype)
         if lse is None:
             lse = np.full((T, H), np.nan, np.float32)
         items, count = self._pointers(work)
-        self.lib._check(self.lib.lib.tfrec_ra_forward(
+        self.lib.check(self.lib.lib.tfrec_ra_forward(
             DTYPE_CODES[dtype], T, H, Dh, Dv, int(causal), float(scale), 0,
             items, count, work["num_items"], work["block_rows"],
             q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data,
@@ -981,11 +865,11 @@ class NumpyKernels:
     def backward(self, q, k, v, out, lse, d_out, work, causal, scale, dtype):
         T, H, Dh = q.shape
         Dv = v.shape[2]
-        grads = [_nan_array(x.shape, x.dtype) for x in (q, k, v)]
+        grads = [nan_array(x.shape, x.dtype) for x in (q, k, v)]
         nbytes = self.lib.lib.tfrec_ra_backward_workspace_bytes(T, H)
         workspace = np.zeros(max(nbytes // 4, 1), np.float32)
         items, count = self._pointers(work)
-        self.lib._check(self.lib.lib.tfrec_ra_backward(
+        self.lib.check(self.lib.lib.tfrec_ra_backward(
             DTYPE_CODES[dtype], T, H, Dh, Dv, int(causal), float(scale), 0,
             items, count, work["num_items"], work["block_rows"],
             q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data,
@@ -1045,7 +929,7 @@ def _rejected_check(run, records, name, block_rows):
         refused = False
     except RuntimeError as e:
         refused = "CUDA error 9 " in str(e)
-    _emit({"check": name + "/shared_memory_guard", "block_rows": block_rows,
+    emit({"check": name + "/shared_memory_guard", "block_rows": block_rows,
            "ok": refused}, records)
     return refused
 
@@ -1061,7 +945,7 @@ def emulated_invalid_splits(kernels, records):
         good = (work["count"].tolist() == [0, bad + 1] and
                 bool(np.all(np.isnan(out))) and bool(np.all(np.isnan(lse))))
         ok &= good
-        _emit({"check": "emulated/invalid_row_splits", "splits": splits,
+        emit({"check": "emulated/invalid_row_splits", "splits": splits,
                "header": work["count"].tolist(), "ok": good}, records)
     return ok
 
@@ -1114,9 +998,8 @@ def run_emulated(args):
     path = build_emulated_library(args.emulated_lib)
     kernels = NumpyKernels(KernelLibrary(path))
     ok = emulated_checks(kernels, records, quick=args.quick, only=args.cases)
-    _emit({"summary": "emulated", "ok": bool(ok), "checks": len(records),
-           "failed": [r["check"] for r in records if r.get("ok") is False],
-           "library": path, "seconds": round(time.time() - t0, 2)})
+    emit_summary("emulated", ok, records, library=path,
+                 seconds=round(time.time() - t0, 2))
     return 0 if ok else 1
 
 
@@ -1127,17 +1010,15 @@ def run_cpu_reference(args):
         try:
             library = KernelLibrary(args.lib)
         except OSError as e:  # e.g. built for another platform
-            _emit({"note": f"library not loadable: {e}"})
+            emit({"note": f"library not loadable: {e}"})
     t0 = time.time()
     ok = finite_difference_check(records)
     ok &= planner_checks(records, library)
     ok &= simulation_checks(records, quick=args.quick, only=args.cases)
     if not args.quick:
         ok &= torch_cpu_checks(records)
-    _emit({"summary": "cpu-reference", "ok": bool(ok),
-           "checks": len(records),
-           "failed": [r["check"] for r in records if r.get("ok") is False],
-           "seconds": round(time.time() - t0, 2)})
+    emit_summary("cpu-reference", ok, records,
+                 seconds=round(time.time() - t0, 2))
     return 0 if ok else 1
 
 
@@ -1151,7 +1032,7 @@ def gpu_checks(kernels, device, quick=False, only=None):
     torch_dtypes = {"float32": torch.float32, "float16": torch.float16,
                     "bfloat16": torch.bfloat16}
     default_rows = kernels.lib.block_rows(64, 64, device.index)
-    _emit({"note": "default block rows for Dh = Dv = 64",
+    emit({"note": "default block rows for Dh = Dv = 64",
            "block_rows": default_rows})
     for name, lengths, heads, dh, dv, mag in check_cases():
         if only and name not in only:
@@ -1236,7 +1117,7 @@ def _determinism_check(kernels, device, records):
     out2, lse2 = kernels.forward(tq, tk, tv, work, True, 0.125)
     same = all(torch.equal(a, b) for a, b in zip(first, second))
     same &= torch.equal(out, out2) and torch.equal(lse, lse2)
-    _emit({"check": "gpu/deterministic", "ok": bool(same)}, records)
+    emit({"check": "gpu/deterministic", "ok": bool(same)}, records)
     return bool(same)
 
 
@@ -1257,7 +1138,7 @@ def _invalid_splits_check(kernels, device, records):
         # only the header is checked here; the kernels' early exit is what
         # keeps them from reading past the tensors (see compute-sanitizer).
         ok &= good
-        _emit({"check": "gpu/invalid_row_splits", "splits": splits,
+        emit({"check": "gpu/invalid_row_splits", "splits": splits,
                "header": header, "ok": bool(good)}, records)
         del out, lse
     return ok
@@ -1265,22 +1146,6 @@ def _invalid_splits_check(kernels, device, records):
 
 # ---------------------------------------------------------------------------
 # GPU mode: benchmark
-
-def _time_cuda(torch, fn, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
 
 def run_benchmarks(kernels, device, args):
     torch = kernels.torch
@@ -1421,12 +1286,12 @@ def run_benchmarks(kernels, device, args):
             ]
             for impl, phase, fn in runs:
                 try:
-                    step = _time_cuda(torch, fn, args.warmup, args.repeats)
+                    step = time_cuda(torch, fn, args.warmup, args.repeats)
                 except RuntimeError as e:  # e.g. out of memory
-                    _emit({"impl": impl, "config": dict(config, phase=phase),
+                    emit({"impl": impl, "config": dict(config, phase=phase),
                            "error": str(e)[:300], "device": name}, records)
                     continue
-                _emit({"impl": impl, "config": dict(config, phase=phase),
+                emit({"impl": impl, "config": dict(config, phase=phase),
                        "step_s": step, "device": name}, records)
             del qp, kp, vp, gp, qpg, kpg, vpg, x_pad, g_pad
             torch.cuda.empty_cache()
@@ -1474,15 +1339,8 @@ def plot(records, path):
 
 
 def run_gpu(args):
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        print("PyTorch is needed for the GPU mode (try --cpu-reference)",
-              file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available():
-        print("no CUDA device visible to PyTorch (try --cpu-reference)",
-              file=sys.stderr)
+    torch = cuda_torch("try --cpu-reference")
+    if torch is None:
         return 2
     device = torch.device("cuda", torch.cuda.current_device())
     # Float32 references and baselines in true float32, not TF32.
@@ -1492,10 +1350,8 @@ def run_gpu(args):
     if not args.skip_checks:
         ok, records = gpu_checks(kernels, device, quick=args.quick,
                                  only=args.cases)
-        failed = [r["check"] for r in records if r.get("ok") is False]
-        _emit({"summary": "gpu-checks", "ok": bool(ok),
-               "checks": len(records), "failed": failed,
-               "device": torch.cuda.get_device_name(device)})
+        emit_summary("gpu-checks", ok, records,
+                     device=torch.cuda.get_device_name(device))
     os.makedirs(args.out_dir, exist_ok=True)
     results = list(records)
     if not args.check_only:
@@ -1503,11 +1359,11 @@ def run_gpu(args):
         results += bench
         png = args.png or os.path.join(args.out_dir, "ragged_attention.png")
         plot(bench, png)
-        _emit({"note": "plot written", "png": png})
+        emit({"note": "plot written", "png": png})
     path = args.json or os.path.join(args.out_dir, "ragged_attention.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
-    _emit({"note": "records written", "json": path})
+    emit({"note": "records written", "json": path})
     return 0 if ok else 1
 
 

@@ -1,23 +1,23 @@
 // CCEMinus on the CPU: work split, bucketing of the per-row draws by item,
-// packing of shared negatives, and the runtime choice of instruction set for
-// the vector code in cce_minus_impl.h. See cce_minus.h for the algorithm.
+// packing of shared negatives, and the dispatch to the vector code in
+// cce_minus_impl.h (one copy per instruction set: cpu_isa.h). See
+// cce_minus.h for the algorithm.
 #include "custom_ops/kernels/cce_minus.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <memory>
 #include <numeric>
-#include <string>
 #include <utility>
 #include <vector>
 
 #include "custom_ops/kernels/counter_rng.h"
+#include "custom_ops/kernels/cpu_isa.h"
 
 namespace tfrec_fast {
 namespace kernels {
@@ -67,108 +67,14 @@ inline int64_t SharedNegative(const CceMinusArgs& a, int64_t j) {
 }  // namespace
 
 namespace cm_impl {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define TFREC_CM_X86_MULTI 1
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,bmi,bmi2")
-#define TFREC_CM_NS avx512
-#define TFREC_CM_W 16
-#define TFREC_CM_R 8
-#include "custom_ops/kernels/cce_minus_impl.h"
-#undef TFREC_CM_NS
-#undef TFREC_CM_W
-#undef TFREC_CM_R
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,bmi,bmi2")
-#define TFREC_CM_NS avx2
-#define TFREC_CM_W 8
-#define TFREC_CM_R 4
-#include "custom_ops/kernels/cce_minus_impl.h"
-#undef TFREC_CM_NS
-#undef TFREC_CM_W
-#undef TFREC_CM_R
-#pragma GCC pop_options
-#endif
-
-// The build's own target (SSE2 on x86-64, NEON on arm64, ...).
-#define TFREC_CM_NS generic
-#define TFREC_CM_W 4
-#define TFREC_CM_R 4
-#include "custom_ops/kernels/cce_minus_impl.h"
-#undef TFREC_CM_NS
-#undef TFREC_CM_W
-#undef TFREC_CM_R
-
+#define TFREC_ISA_IMPL "custom_ops/kernels/cce_minus_impl.h"
+#include "custom_ops/kernels/cpu_isa_variants.h"
 }  // namespace cm_impl
 
 namespace {
 
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa DetectIsa() {
-  Isa best = Isa::kGeneric;
-#ifdef TFREC_CM_X86_MULTI
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("bmi2")) {
-    best = Isa::kAvx2;
-  }
-  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512bw")) {
-    best = Isa::kAvx512;
-  }
-#endif
-  // TFREC_FAST_CPU_ISA=generic|avx2|avx512 caps the choice (to test every
-  // code path on one machine); it never picks an unsupported one.
-  const char* cap = std::getenv("TFREC_FAST_CPU_ISA");
-  if (cap != nullptr) {
-    const std::string want(cap);
-    Isa limit = best;
-    if (want == "generic") limit = Isa::kGeneric;
-    if (want == "avx2") limit = Isa::kAvx2;
-    if (static_cast<int>(limit) < static_cast<int>(best)) best = limit;
-  }
-  return best;
-}
-
-Isa GetIsa() {
-  static const Isa isa = DetectIsa();
-  return isa;
-}
-
-#ifdef TFREC_CM_X86_MULTI
-#define TFREC_CM_DISPATCH(...)               \
-  switch (GetIsa()) {                        \
-    case Isa::kAvx512:                       \
-      cm_impl::avx512::__VA_ARGS__;          \
-      break;                                 \
-    case Isa::kAvx2:                         \
-      cm_impl::avx2::__VA_ARGS__;            \
-      break;                                 \
-    default:                                 \
-      cm_impl::generic::__VA_ARGS__;         \
-  }
-#else
-#define TFREC_CM_DISPATCH(...) cm_impl::generic::__VA_ARGS__;
-#endif
-
-// Floats per vector of the chosen instruction set (TFREC_CM_W).
-int VectorWidth() {
-  switch (GetIsa()) {
-    case Isa::kAvx512:
-      return 16;
-    case Isa::kAvx2:
-      return 8;
-    default:
-      return 4;
-  }
-}
+// Floats per vector of the chosen instruction set (TFREC_ISA_W).
+int VectorWidth() { return CpuIsaVectorFloats(GetCpuIsa()); }
 
 // Rows per task of the per-row passes (each row gathers K table rows).
 constexpr int64_t kRowsPerTask = 32;
@@ -275,8 +181,9 @@ void SharedBackward(const CceMinusArgs& a, const float* lse,
     const int64_t end = std::min(N, begin + rows_per_chunk);
     float* pdw = partial_dw.data() + c * pack.kp * pack.dp;
     float* pdb = partial_db.data() + c * pack.kp;
-    TFREC_CM_DISPATCH(SharedBackwardRowsEntry(a, pack, lse, d_loss, begin,
-                                              end, pdw, pdb, grads));
+    TFREC_FAST_ISA_DISPATCH(
+        cm_impl, SharedBackwardRowsEntry(a, pack, lse, d_loss, begin, end,
+                                         pdw, pdb, grads));
   });
   // dW_neg[j] = sum of the chunks' partials, in chunk order.
   constexpr int64_t kReduceRows = 64;
@@ -329,8 +236,9 @@ void PerRowBackward(const CceMinusArgs& a, const CceMinusConsts& consts,
   Run(parallel, chunks, [&](int64_t c) {
     const int64_t begin = c * rows_per_chunk;
     const int64_t end = std::min(N, begin + rows_per_chunk);
-    TFREC_CM_DISPATCH(CountRowsEntry(a, consts, begin, end, shift,
-                                     counts.data() + c * buckets));
+    TFREC_FAST_ISA_DISPATCH(
+        cm_impl, CountRowsEntry(a, consts, begin, end, shift,
+                                counts.data() + c * buckets));
   });
   std::vector<int64_t> start(static_cast<size_t>(buckets + 1));
   int64_t total = 0;
@@ -350,9 +258,10 @@ void PerRowBackward(const CceMinusArgs& a, const CceMinusConsts& consts,
   Run(parallel, chunks, [&](int64_t c) {
     const int64_t begin = c * rows_per_chunk;
     const int64_t end = std::min(N, begin + rows_per_chunk);
-    TFREC_CM_DISPATCH(BackwardRowsEntry<Entry>(
-        a, consts, lse, d_loss, begin, end, shift, grads.d_hidden,
-        counts.data() + c * buckets, entries.get()));
+    TFREC_FAST_ISA_DISPATCH(
+        cm_impl, BackwardRowsEntry<Entry>(
+                     a, consts, lse, d_loss, begin, end, shift, grads.d_hidden,
+                     counts.data() + c * buckets, entries.get()));
   });
 
   // Pass B: buckets (item ranges), largest first.
@@ -365,9 +274,10 @@ void PerRowBackward(const CceMinusArgs& a, const CceMinusConsts& consts,
     const int64_t b = order[i];
     const int64_t lo = b * bucket_items;
     const int64_t hi = std::min(C, lo + bucket_items);
-    TFREC_CM_DISPATCH(BackwardBucketEntry<Entry>(
-        a, entries.get() + start[b], start[b + 1] - start[b], shift, lo, hi,
-        grads.d_table, grads.d_bias));
+    TFREC_FAST_ISA_DISPATCH(
+        cm_impl, BackwardBucketEntry<Entry>(
+                     a, entries.get() + start[b], start[b + 1] - start[b],
+                     shift, lo, hi, grads.d_table, grads.d_bias));
   });
 }
 
@@ -390,7 +300,8 @@ void CceMinusForward(const CceMinusArgs& args, float* loss, float* lse,
     Run(parallel, CeilDiv(N, kSharedRowsPerTask), [&](int64_t i) {
       const int64_t begin = i * kSharedRowsPerTask;
       const int64_t end = std::min(N, begin + kSharedRowsPerTask);
-      TFREC_CM_DISPATCH(
+      TFREC_FAST_ISA_DISPATCH(
+          cm_impl,
           SharedForwardRowsEntry(args, st.pack, begin, end, loss, lse));
     });
     return;
@@ -399,7 +310,8 @@ void CceMinusForward(const CceMinusArgs& args, float* loss, float* lse,
   Run(parallel, CeilDiv(N, kRowsPerTask), [&](int64_t i) {
     const int64_t begin = i * kRowsPerTask;
     const int64_t end = std::min(N, begin + kRowsPerTask);
-    TFREC_CM_DISPATCH(ForwardRowsEntry(args, consts, begin, end, loss, lse));
+    TFREC_FAST_ISA_DISPATCH(
+        cm_impl, ForwardRowsEntry(args, consts, begin, end, loss, lse));
   });
 }
 
@@ -429,17 +341,6 @@ void CceMinusBackward(const CceMinusArgs& args, const float* lse,
   } else {
     PerRowBackward<CceMinusEntry<uint64_t>>(args, consts, lse, d_loss, grads,
                                             shift, num_workers, parallel);
-  }
-}
-
-const char* CceMinusIsa() {
-  switch (GetIsa()) {
-    case Isa::kAvx512:
-      return "avx512";
-    case Isa::kAvx2:
-      return "avx2";
-    default:
-      return "generic";
   }
 }
 

@@ -34,11 +34,7 @@
 
 #include "custom_ops/kernels/counter_rng.h"
 #include "custom_ops/kernels/cut_cross_entropy_gpu.h"
-
-#ifndef TFREC_KERNEL_LAUNCH
-#define TFREC_KERNEL_LAUNCH(kernel, grid, block, smem, stream) \
-  kernel<<<grid, block, smem, stream>>>
-#endif
+#include "custom_ops/kernels/gpu_kernel_helpers.cu.h"
 
 namespace tfrec_fast {
 namespace kernels {
@@ -50,65 +46,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kGroup = 4;     // negatives in flight per warp
 constexpr int kPerLane = 8;   // d elements a lane holds in one pass
 constexpr int kPass = 32 * kPerLane;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr size_t kDefaultSharedBytes = 48 * 1024;
-
-__device__ __forceinline__ float ToFloat(float x) { return x; }
-__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
-template <typename T>
-__device__ __forceinline__ T FromFloat(float x);
-template <>
-__device__ __forceinline__ float FromFloat<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half FromFloat<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-__device__ __forceinline__ int64_t ReadId(const void* ids, int is64,
-                                          int64_t i) {
-  return is64 ? static_cast<const int64_t*>(ids)[i]
-              : static_cast<int64_t>(static_cast<const int32_t*>(ids)[i]);
-}
-
-__device__ __forceinline__ float WarpSum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
-
-// (m, l) += (m2, l2) as running log-sum-exp; m is never NaN (a NaN logit
-// lives in l).
-__device__ __forceinline__ void MergeLse(float& m, float& l, float m2,
-                                         float l2) {
-  const float mm = fmaxf(m, m2);
-  if (mm == -INFINITY) {
-    l += l2;
-    return;
-  }
-  l = l * exp2f((m - mm) * kLog2e) + l2 * exp2f((m2 - mm) * kLog2e);
-  m = mm;
-}
-
-__device__ __forceinline__ float* SharedFloats() {
-#ifdef TFREC_EMULATED_SHARED
-  return reinterpret_cast<float*>(TFREC_EMULATED_SHARED());
-#else
-  extern __shared__ float4 ccem_shared_raw[];
-  return reinterpret_cast<float*>(ccem_shared_raw);
-#endif
-}
 
 struct Args {
   const void* h;
@@ -152,7 +89,7 @@ __device__ __forceinline__ int64_t Negative(const Args& a, int64_t row,
   int64_t id;
   if (a.sampling == static_cast<int>(CceMinusGpuSampling::kGiven)) {
     const int64_t i = row * a.k + j;
-    id = ReadId(a.neg_ids, a.neg64, i);
+    id = gpu::ReadId(a.neg_ids, a.neg64, i);
     *corr = a.neg_log_kq[i];
   } else if (a.c <= 0) {
     id = -1;
@@ -168,7 +105,7 @@ __device__ __forceinline__ int64_t Negative(const Args& a, int64_t row,
 }
 
 __device__ __forceinline__ int64_t ValidTarget(const Args& a, int64_t row) {
-  const int64_t y = ReadId(a.targets, a.targets64, row);
+  const int64_t y = gpu::ReadId(a.targets, a.targets64, row);
   return (y >= 0 && y < a.c) ? y : -1;
 }
 
@@ -184,12 +121,12 @@ __device__ __forceinline__ float LaneDot(const Args& a, const T* h,
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
       const int64_t d = lane + 32 * i;
-      wv[i] = d < a.d ? ToFloat(wr[d]) : 0.0f;
+      wv[i] = d < a.d ? gpu::ToFloat(wr[d]) : 0.0f;
       dot = fmaf(hv[i], wv[i], dot);
     }
   } else {
     for (int64_t d = lane; d < a.d; d += 32) {
-      dot = fmaf(ToFloat(h[d]), ToFloat(wr[d]), dot);
+      dot = fmaf(gpu::ToFloat(h[d]), gpu::ToFloat(wr[d]), dot);
     }
   }
   return dot;
@@ -206,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) ForwardKernel(const Args a) {
   const int slice = warp % a.wpr;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * rpb + local;
   const bool active = row < a.n;
-  float* red = SharedFloats();  // [kWarps] max, [kWarps] sum
+  float* red = gpu::DynamicShared<float>();  // [kWarps] max, [kWarps] sum
   float m = -INFINITY;
   float l = 0.0f;
   int64_t y = -1;
@@ -222,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) ForwardKernel(const Args a) {
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
       const int64_t d = lane + 32 * i;
-      hv[i] = (kOnePass && d < a.d) ? ToFloat(h[d]) : 0.0f;
+      hv[i] = (kOnePass && d < a.d) ? gpu::ToFloat(h[d]) : 0.0f;
     }
     for (int64_t j0 = static_cast<int64_t>(slice) * kGroup; j0 < a.k;
          j0 += static_cast<int64_t>(a.wpr) * kGroup) {
@@ -242,7 +179,7 @@ __global__ void __launch_bounds__(kThreads) ForwardKernel(const Args a) {
                              : 0.0f;
       }
 #pragma unroll
-      for (int u = 0; u < kGroup; ++u) dot[u] = WarpSum(dot[u]);
+      for (int u = 0; u < kGroup; ++u) dot[u] = gpu::WarpSum(dot[u]);
       float v[kGroup];
       float group_max = -INFINITY;
 #pragma unroll
@@ -263,8 +200,8 @@ __global__ void __launch_bounds__(kThreads) ForwardKernel(const Args a) {
       const float ref = m_new == -INFINITY ? 0.0f : m_new;
       float sum = 0.0f;
 #pragma unroll
-      for (int u = 0; u < kGroup; ++u) sum += exp2f((v[u] - ref) * kLog2e);
-      l = l * exp2f((m - ref) * kLog2e) + sum;
+      for (int u = 0; u < kGroup; ++u) sum += exp2f((v[u] - ref) * gpu::kLog2e);
+      l = l * exp2f((m - ref) * gpu::kLog2e) + sum;
       m = m_new;
     }
   }
@@ -278,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) ForwardKernel(const Args a) {
   float s_pos = NAN;
   if (y >= 0) {
     float wv[kPerLane];
-    s_pos = WarpSum(LaneDot<T, kOnePass>(a, h, hv, y, wv)) +
+    s_pos = gpu::WarpSum(LaneDot<T, kOnePass>(a, h, hv, y, wv)) +
             (a.bias != nullptr ? a.bias[y] : 0.0f);
   }
   float pm = -INFINITY;
@@ -290,7 +227,8 @@ __global__ void __launch_bounds__(kThreads) ForwardKernel(const Args a) {
     pl = 1.0f;
   }
   for (int s = 0; s < a.wpr; ++s) {
-    MergeLse(pm, pl, red[local * a.wpr + s], red[kWarps + local * a.wpr + s]);
+    gpu::MergeLse(pm, pl, red[local * a.wpr + s],
+                  red[kWarps + local * a.wpr + s]);
   }
   const float lse =
       pl > 0.0f ? pm + logf(pl) : (pl == 0.0f ? -INFINITY : pl);
@@ -312,7 +250,8 @@ __global__ void __launch_bounds__(kThreads) BackwardKernel(const Args a) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * rpb + local;
   const bool active = row < a.n;
   const int64_t acc_stride = kOnePass ? kPass : a.d;
-  float* red = SharedFloats();  // [kWarps][acc_stride] dh partials
+  // [kWarps][acc_stride] dh partials.
+  float* red = gpu::DynamicShared<float>();
   float* mine = red + warp * acc_stride;
   float acc[kPerLane];
 #pragma unroll
@@ -337,8 +276,8 @@ __global__ void __launch_bounds__(kThreads) BackwardKernel(const Args a) {
       }
     } else {
       for (int64_t d = lane; d < a.d; d += 32) {
-        mine[d] = fmaf(ds, ToFloat(wr[d]), mine[d]);
-        atomicAdd(dw + d, ds * ToFloat(h[d]));
+        mine[d] = fmaf(ds, gpu::ToFloat(wr[d]), mine[d]);
+        atomicAdd(dw + d, ds * gpu::ToFloat(h[d]));
       }
     }
     if (lane == 0 && a.db_acc != nullptr) atomicAdd(a.db_acc + id, ds);
@@ -363,7 +302,7 @@ __global__ void __launch_bounds__(kThreads) BackwardKernel(const Args a) {
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
       const int64_t d = lane + 32 * i;
-      hv[i] = (kOnePass && d < a.d) ? ToFloat(h[d]) : 0.0f;
+      hv[i] = (kOnePass && d < a.d) ? gpu::ToFloat(h[d]) : 0.0f;
     }
     for (int64_t j0 = static_cast<int64_t>(slice) * kGroup; j0 < a.k;
          j0 += static_cast<int64_t>(a.wpr) * kGroup) {
@@ -384,7 +323,7 @@ __global__ void __launch_bounds__(kThreads) BackwardKernel(const Args a) {
                      : 0.0f;
       }
 #pragma unroll
-      for (int u = 0; u < kGroup; ++u) dot[u] = WarpSum(dot[u]);
+      for (int u = 0; u < kGroup; ++u) dot[u] = gpu::WarpSum(dot[u]);
 #pragma unroll
       for (int u = 0; u < kGroup; ++u) {
         if (j0 + u >= a.k) continue;
@@ -395,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) BackwardKernel(const Args a) {
         if (a.remove_hits && ids[u] == y) continue;  // probability 0
         const float s = dot[u] +
                         (a.bias != nullptr ? a.bias[ids[u]] : 0.0f) - corr[u];
-        const float ds = g * exp2f((s - lse) * kLog2e);
+        const float ds = g * exp2f((s - lse) * gpu::kLog2e);
         if (ds != 0.0f) scatter(ids[u], ds, h, hv, wv[u]);
       }
     }
@@ -404,9 +343,10 @@ __global__ void __launch_bounds__(kThreads) BackwardKernel(const Args a) {
         poison();
       } else {
         float wv[kPerLane];
-        const float s_pos = WarpSum(LaneDot<T, kOnePass>(a, h, hv, y, wv)) +
-                            (a.bias != nullptr ? a.bias[y] : 0.0f);
-        const float ds = g * (exp2f((s_pos - lse) * kLog2e) - 1.0f);
+        const float s_pos =
+            gpu::WarpSum(LaneDot<T, kOnePass>(a, h, hv, y, wv)) +
+            (a.bias != nullptr ? a.bias[y] : 0.0f);
+        const float ds = g * (exp2f((s_pos - lse) * gpu::kLog2e) - 1.0f);
         if (ds != 0.0f) scatter(y, ds, h, hv, wv);
       }
     }
@@ -423,7 +363,7 @@ __global__ void __launch_bounds__(kThreads) BackwardKernel(const Args a) {
     for (int s = 0; s < a.wpr; ++s) {
       sum += red[(local * a.wpr + s) * acc_stride + d];
     }
-    dh[d] = FromFloat<T>(sum);
+    dh[d] = gpu::FromFloat<T>(sum);
   }
 }
 
@@ -434,37 +374,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
        i < count; i += stride) {
-    dst[i] = FromFloat<T>(src[i]);
+    dst[i] = gpu::FromFloat<T>(src[i]);
   }
 }
 
 // ---------------------------------------------------------------------------
 // Host side.
-
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    if (device < 0) return;
-    status_ = cudaGetDevice(&previous_);
-    if (status_ == cudaSuccess && previous_ != device) {
-      status_ = cudaSetDevice(device);
-      switched_ = status_ == cudaSuccess;
-    }
-  }
-  ~DeviceScope() {
-    if (switched_) cudaSetDevice(previous_);
-  }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-  cudaError_t status() const { return status_; }
-
- private:
-  int previous_ = -1;
-  bool switched_ = false;
-  cudaError_t status_ = cudaSuccess;
-};
-
-size_t AlignBytes(size_t x) { return (x + 255) / 256 * 256; }
 
 bool DimsValid(const CceMinusGpuDims& d) {
   if (d.num_rows < 0 || d.num_items < 0 || d.dim < 0 ||
@@ -512,12 +427,9 @@ FusedSoftmaxGpuProblem SharedProblem(const CceMinusGpuDims& d,
 }
 
 cudaError_t LaunchConfig(const CceMinusGpuDims& d, int* wpr, int* sms) {
-  int dev = d.device;
-  cudaError_t err = cudaSuccess;
-  if (dev < 0) err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
   int value = 1;
-  err = cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, dev);
+  const cudaError_t err =
+      gpu::DeviceAttribute(d.device, cudaDevAttrMultiProcessorCount, &value);
   if (err != cudaSuccess) return err;
   *sms = std::max(1, value);
   // Enough warps to fill the GPU a few times over; each warp keeps at
@@ -580,16 +492,6 @@ bool InputsValid(const CceMinusGpuDims& d, const CceMinusGpuInputs& in) {
   return true;
 }
 
-template <typename Fn>
-cudaError_t DispatchType(CrossEntropyGpuType type, Fn&& fn) {
-  switch (type) {
-    case CrossEntropyGpuType::kFloat32: return fn(float{});
-    case CrossEntropyGpuType::kFloat16: return fn(__half{});
-    case CrossEntropyGpuType::kBFloat16: return fn(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 template <typename Kernel>
 cudaError_t LaunchRows(Kernel kernel, const Args& a, size_t smem,
                        cudaStream_t stream) {
@@ -597,21 +499,16 @@ cudaError_t LaunchRows(Kernel kernel, const Args& a, size_t smem,
   const int64_t blocks = (a.n + rpb - 1) / rpb;
   if (blocks == 0) return cudaSuccess;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-  if (smem > kDefaultSharedBytes) {
+  if (smem > gpu::kDefaultSharedBytes) {
     // The backward's [8 warps][D] float accumulator past D = 256 must fit.
-    int dev = 0, limit = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err == cudaSuccess) {
-      err = cudaDeviceGetAttribute(
-          &limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    }
+    int limit = 0;
+    cudaError_t err = gpu::DeviceAttribute(
+        -1, cudaDevAttrMaxSharedMemoryPerBlockOptin, &limit);
     if (err != cudaSuccess) return err;
     if (smem > static_cast<size_t>(limit)) {
       return cudaErrorInvalidConfiguration;
     }
-    err = cudaFuncSetAttribute(
-        reinterpret_cast<const void*>(kernel),
-        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    err = gpu::AllowDynamicShared(kernel, smem);
     if (err != cudaSuccess) return err;
   }
   TFREC_KERNEL_LAUNCH(kernel, static_cast<unsigned int>(blocks), kThreads,
@@ -637,7 +534,7 @@ cudaError_t CceMinusGpuWorkspaceBytes(const CceMinusGpuDims& d, bool backward,
   *bytes = 256;
   if (backward && d.type != CrossEntropyGpuType::kFloat32) {
     *bytes = std::max<size_t>(
-        256, AlignBytes(sizeof(float) * d.num_items * d.dim));
+        256, gpu::AlignBytes(sizeof(float) * d.num_items * d.dim));
   }
   return cudaSuccess;
 }
@@ -652,7 +549,7 @@ cudaError_t CceMinusGpuForward(const CceMinusGpuDims& d,
     return FusedSoftmaxGpuForward(SharedProblem(d, in), loss, lse, workspace,
                                   workspace_bytes, stream);
   }
-  DeviceScope scope(d.device);
+  gpu::DeviceScope scope(d.device);
   if (scope.status() != cudaSuccess) return scope.status();
   if (d.num_rows == 0) return cudaSuccess;
   int wpr = 1, sms = 1;
@@ -662,7 +559,7 @@ cudaError_t CceMinusGpuForward(const CceMinusGpuDims& d,
   a.loss = loss;
   a.lse_out = lse;
   const size_t smem = sizeof(float) * 2 * kWarps;
-  return DispatchType(d.type, [&](auto tag) {
+  return gpu::DispatchType(d.type, [&](auto tag) {
     using T = decltype(tag);
     return d.dim <= kPass ? LaunchRows(ForwardKernel<T, true>, a, smem, stream)
                           : LaunchRows(ForwardKernel<T, false>, a, smem,
@@ -684,7 +581,7 @@ cudaError_t CceMinusGpuBackward(const CceMinusGpuDims& d,
                                    d.has_bias ? d_item_bias : nullptr,
                                    workspace, workspace_bytes, stream);
   }
-  DeviceScope scope(d.device);
+  gpu::DeviceScope scope(d.device);
   if (scope.status() != cudaSuccess) return scope.status();
   size_t needed = 0;
   cudaError_t err = CceMinusGpuWorkspaceBytes(d, true, &needed);
@@ -718,7 +615,7 @@ cudaError_t CceMinusGpuBackward(const CceMinusGpuDims& d,
     const bool one_pass = d.dim <= kPass;
     const size_t smem =
         sizeof(float) * kWarps * (one_pass ? kPass : d.dim);
-    err = DispatchType(d.type, [&](auto tag) {
+    err = gpu::DispatchType(d.type, [&](auto tag) {
       using T = decltype(tag);
       return one_pass
                  ? LaunchRows(BackwardKernel<T, true>, a, smem, stream)
@@ -727,7 +624,7 @@ cudaError_t CceMinusGpuBackward(const CceMinusGpuDims& d,
     if (err != cudaSuccess) return err;
   }
   if (is_float || count == 0) return cudaSuccess;
-  return DispatchType(d.type, [&](auto tag) {
+  return gpu::DispatchType(d.type, [&](auto tag) {
     using T = decltype(tag);
     const unsigned int blocks = static_cast<unsigned int>(
         std::min<int64_t>((count + kThreads - 1) / kThreads, 4096));

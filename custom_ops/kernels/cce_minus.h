@@ -55,8 +55,9 @@
 // [K + N, D] rows of concat(negative_ids, targets).
 //
 // Vector code: GCC vector extensions compiled for AVX-512, AVX2+FMA and the
-// build's baseline, picked at run time (TFREC_FAST_CPU_ISA caps it, as for
-// the ragged attention kernels). Framework-free (std only); compute float32.
+// build's baseline, picked at run time as for the other CPU kernels
+// (TFREC_FAST_CPU_ISA caps it; cpu_isa.h). Framework-free (std only);
+// compute float32.
 #ifndef TFREC_FAST_KERNELS_CCE_MINUS_H_
 #define TFREC_FAST_KERNELS_CCE_MINUS_H_
 
@@ -128,10 +129,6 @@ void CceMinusForward(const CceMinusArgs& args, float* loss, float* lse,
 void CceMinusBackward(const CceMinusArgs& args, const float* lse,
                       const float* d_loss, const CceMinusGrads& grads,
                       int num_workers, const CceMinusParallelFor& parallel);
-
-// The instruction set the vector code runs with: "avx512", "avx2" or
-// "generic".
-const char* CceMinusIsa();
 
 }  // namespace kernels
 }  // namespace tfrec_fast

@@ -1,9 +1,9 @@
 // The vector code of the CCEMinus kernels, compiled once per instruction set.
-// NOT a normal header: cce_minus.cc includes it several times, each time
-// inside a `#pragma GCC target` region and with
-//   TFREC_CM_NS  the namespace to define (e.g. avx512),
-//   TFREC_CM_W   floats per vector (16 for AVX-512, 8 for AVX2, 4 otherwise),
-//   TFREC_CM_R   rows per register tile of the shared-negatives GEMM,
+// NOT a normal header: cce_minus.cc has cpu_isa_variants.h include it once
+// per instruction set, with
+//   TFREC_ISA_NS  the namespace to define (e.g. avx512),
+//   TFREC_ISA_W   floats per vector (16 for AVX-512, 8 for AVX2, 4 otherwise),
+//   TFREC_ISA_R   rows per register tile of the shared-negatives GEMM,
 // after the std headers, counter_rng.h, CceMinusConsts, CceMinusSharedPack
 // and the helper Target. No include guard on purpose.
 //
@@ -16,73 +16,25 @@
 //   RowIds / RowScores / RowLogSumExp: one row of per-row negatives.
 //   CountRows / BackwardRows / BackwardBucket: the per-row backward
 //                (histogram, pass A, pass B; see cce_minus.h).
-//   ScoreTile / AccumulateTile / RankUpdate: R x 2W register tiles of the
+//   ScoreTile / AccumulateTile / RankUpdate (cpu_tiles_impl.h, with the
+//                vector primitives and Exp): R x 2W register tiles of the
 //                shared-negatives GEMM (scores, dS W, dS^T H) against packed
 //                operands.
 
-namespace TFREC_CM_NS {
+namespace TFREC_ISA_NS {
 namespace {
 
-constexpr int W = TFREC_CM_W;
-constexpr int R = TFREC_CM_R;
+// W, V, VI, Load / Store / Splat / Max / HSum / HMax / RoundUp / Exp,
+// ScoreTile, AccumulateTile, RankUpdate.
+#include "custom_ops/kernels/cpu_tiles_impl.h"
+
+constexpr int R = TFREC_ISA_R;
 constexpr int kLevels = W == 16 ? 4 : (W == 8 ? 3 : 2);
 static_assert((1 << kLevels) == W, "W must be 4, 8 or 16");
 // Columns (negatives) per block of the shared GEMM: an [R, kColBlock] score
 // tile stays in L1.
 constexpr int64_t kColBlock = 256;
 static_assert(kColBlock % W == 0, "column block must be whole vectors");
-
-typedef float V __attribute__((vector_size(TFREC_CM_W * 4)));
-typedef float Vu __attribute__((vector_size(TFREC_CM_W * 4), aligned(4)));
-typedef int32_t VI __attribute__((vector_size(TFREC_CM_W * 4)));
-
-inline V Load(const float* p) { return *reinterpret_cast<const Vu*>(p); }
-inline void Store(float* p, V v) { *reinterpret_cast<Vu*>(p) = v; }
-inline V Splat(float x) {
-  V v = {};
-  return v + x;
-}
-inline V Max(V a, V b) { return a > b ? a : b; }
-inline float HSum(V v) {
-  float s = 0.0f;
-  for (int i = 0; i < W; ++i) s += v[i];
-  return s;
-}
-inline float HMax(V v) {
-  float m = v[0];
-  for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-inline int64_t RoundUp(int64_t x) { return (x + W - 1) / W * W; }
-
-// exp(x) per lane, about 1 ulp: x = n ln2 + r (Cody-Waite split of ln 2),
-// exp(r) = 1 + r + r^2 P(r) with Cephes' degree-5 P, times 2^n through the
-// exponent bits. Inputs are clamped to [-86, 88] (so 2^n stays a normal
-// number); below -86 (and -inf) the result is 0, NaN stays NaN.
-inline V Exp(V x) {
-  const V hi = Splat(88.0f);
-  const V lo = Splat(-86.0f);
-  const VI is_nan = x != x;
-  const VI is_tiny = x < lo;
-  V xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;
-  const V round = Splat(12582912.0f);  // 1.5 * 2^23: add, subtract = round
-  const V shifted = xc * Splat(1.44269504088896341f) + round;
-  const V n = shifted - round;
-  V r = xc - n * Splat(0.693359375f);
-  r = r + n * Splat(2.12194440e-4f);
-  V p = Splat(1.9875691500e-4f);
-  p = p * r + Splat(1.3981999507e-3f);
-  p = p * r + Splat(8.3334519073e-3f);
-  p = p * r + Splat(4.1665795894e-2f);
-  p = p * r + Splat(1.6666665459e-1f);
-  p = p * r + Splat(5.0000001201e-1f);
-  const V y = p * (r * r) + r + Splat(1.0f);
-  const VI k = reinterpret_cast<VI>(shifted) - reinterpret_cast<VI>(round);
-  const V scaled = reinterpret_cast<V>(reinterpret_cast<VI>(y) + (k << 23));
-  const V flushed = is_tiny ? Splat(0.0f) : scaled;
-  return is_nan ? x : flushed;
-}
 
 // ---------------------------------------------------------------------------
 // Transposed reduction: W vectors in, the vector of their W sums out.
@@ -491,116 +443,7 @@ void BackwardBucket(const CceMinusArgs& a, const Entry* entries,
 }
 
 // ---------------------------------------------------------------------------
-// Shared negatives: register tiles.
-
-// S[r * ss + j] = sum_{d < inner} a[r * as + d] * bT[d * bs + j]
-// for r < NR and j < ncols (a multiple of W).
-template <int NR>
-void ScoreTile(const float* a, int64_t as, int64_t inner, const float* bT,
-               int64_t bs, int64_t ncols, float* S, int64_t ss) {
-  int64_t j = 0;
-  for (; j + 2 * W <= ncols; j += 2 * W) {
-    V acc0[NR], acc1[NR];
-    for (int r = 0; r < NR; ++r) acc0[r] = acc1[r] = Splat(0.0f);
-    const float* b = bT + j;
-    for (int64_t d = 0; d < inner; ++d, b += bs) {
-      const V b0 = Load(b), b1 = Load(b + W);
-      for (int r = 0; r < NR; ++r) {
-        const V x = Splat(a[r * as + d]);
-        acc0[r] += x * b0;
-        acc1[r] += x * b1;
-      }
-    }
-    for (int r = 0; r < NR; ++r) {
-      Store(S + r * ss + j, acc0[r]);
-      Store(S + r * ss + j + W, acc1[r]);
-    }
-  }
-  if (j < ncols) {
-    V acc0[NR];
-    for (int r = 0; r < NR; ++r) acc0[r] = Splat(0.0f);
-    const float* b = bT + j;
-    for (int64_t d = 0; d < inner; ++d, b += bs) {
-      const V b0 = Load(b);
-      for (int r = 0; r < NR; ++r) acc0[r] += Splat(a[r * as + d]) * b0;
-    }
-    for (int r = 0; r < NR; ++r) Store(S + r * ss + j, acc0[r]);
-  }
-}
-
-// acc[r * cs + c] += sum_{j < nk} P[r * ps + j] * b[j * bs + c]
-// for r < NR and c < width (a multiple of W).
-template <int NR>
-void AccumulateTile(const float* P, int64_t ps, int64_t nk, const float* b,
-                    int64_t bs, int64_t width, float* acc, int64_t cs) {
-  int64_t c = 0;
-  for (; c + 2 * W <= width; c += 2 * W) {
-    V a0[NR], a1[NR];
-    for (int r = 0; r < NR; ++r) {
-      a0[r] = Load(acc + r * cs + c);
-      a1[r] = Load(acc + r * cs + c + W);
-    }
-    const float* bj = b + c;
-    for (int64_t j = 0; j < nk; ++j, bj += bs) {
-      const V b0 = Load(bj), b1 = Load(bj + W);
-      for (int r = 0; r < NR; ++r) {
-        const V x = Splat(P[r * ps + j]);
-        a0[r] += x * b0;
-        a1[r] += x * b1;
-      }
-    }
-    for (int r = 0; r < NR; ++r) {
-      Store(acc + r * cs + c, a0[r]);
-      Store(acc + r * cs + c + W, a1[r]);
-    }
-  }
-  if (c < width) {
-    V a0[NR];
-    for (int r = 0; r < NR; ++r) a0[r] = Load(acc + r * cs + c);
-    const float* bj = b + c;
-    for (int64_t j = 0; j < nk; ++j, bj += bs) {
-      const V b0 = Load(bj);
-      for (int r = 0; r < NR; ++r) a0[r] += Splat(P[r * ps + j]) * b0;
-    }
-    for (int r = 0; r < NR; ++r) Store(acc + r * cs + c, a0[r]);
-  }
-}
-
-// out[j * os + c] += sum_{r < NR} P[r * ps + j] * a[r * as + c]
-// for j < nk and c < width (a multiple of W).
-template <int NR>
-void RankUpdate(const float* P, int64_t ps, int64_t nk, const float* a,
-                int64_t as, int64_t width, float* out, int64_t os) {
-  int64_t c = 0;
-  for (; c + 2 * W <= width; c += 2 * W) {
-    V x0[NR], x1[NR];
-    for (int r = 0; r < NR; ++r) {
-      x0[r] = Load(a + r * as + c);
-      x1[r] = Load(a + r * as + c + W);
-    }
-    float* o = out + c;
-    for (int64_t j = 0; j < nk; ++j, o += os) {
-      V o0 = Load(o), o1 = Load(o + W);
-      for (int r = 0; r < NR; ++r) {
-        const V p = Splat(P[r * ps + j]);
-        o0 += p * x0[r];
-        o1 += p * x1[r];
-      }
-      Store(o, o0);
-      Store(o + W, o1);
-    }
-  }
-  if (c < width) {
-    V x0[NR];
-    for (int r = 0; r < NR; ++r) x0[r] = Load(a + r * as + c);
-    float* o = out + c;
-    for (int64_t j = 0; j < nk; ++j, o += os) {
-      V o0 = Load(o);
-      for (int r = 0; r < NR; ++r) o0 += Splat(P[r * ps + j]) * x0[r];
-      Store(o, o0);
-    }
-  }
-}
+// Shared negatives (tiles: cpu_tiles_impl.h).
 
 // Rows of R: the positives' logits and, for hit removal, the range of
 // `pack.sorted` entries equal to each row's target.
@@ -805,4 +648,4 @@ void SharedBackwardRowsEntry(const CceMinusArgs& a,
                      grads);
 }
 
-}  // namespace TFREC_CM_NS
+}  // namespace TFREC_ISA_NS

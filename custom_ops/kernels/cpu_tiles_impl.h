@@ -1,8 +1,8 @@
-// Vector tile primitives shared by the CPU kernels (packed attention,
-// cut cross-entropy), compiled once per instruction set. NOT a normal header:
-// an *_impl.h includes it inside each per-ISA namespace (itself inside a
-// `#pragma GCC target` region of the .cc), with
-//   TFREC_TILES_W  floats per vector (16 for AVX-512, 8 for AVX2, 4 otherwise)
+// Vector primitives and tiles shared by the CPU kernels (packed attention,
+// cut cross-entropy, CCEMinus), compiled once per instruction set. NOT a
+// normal header: an *_impl.h includes it inside its per-ISA namespace (see
+// cpu_isa_variants.h), with
+//   TFREC_ISA_W  floats per vector (16 for AVX-512, 8 for AVX2, 4 otherwise)
 // defined, after <algorithm>, <cmath>, <cstdint>, <cstring> and <limits>.
 // No include guard on purpose: every inclusion defines its own copy in the
 // enclosing namespace, compiled for that namespace's target.
@@ -10,8 +10,11 @@
 // Vectors are GCC vector extensions (V: W floats, VI: W int32), so one source
 // gives AVX-512, AVX2 + FMA and baseline code; a * b + c contracts to FMA.
 //
+// Primitives: V (W floats), Load / Store (unaligned), Splat, Max, Iota,
+// HSum / HMax (horizontal), RoundUp (to whole vectors), Exp.
+//
 // Tiles (W = floats per vector, NR = rows of the register tile):
-//   ScoreTile       S[r, j]  = mult * sum_d a[r, d] * bT[d, j]
+//   ScoreTile       S[r, j]  = [mult *] sum_d a[r, d] * bT[d, j]
 //   AccumulateTile  acc[r, c] += sum_j P[r, j] * b[j, c]
 //   RankUpdate      out[j, c] += sum_r P[r, j] * a[r, c]
 // Each keeps an NR x 2W block of accumulators in registers and streams the
@@ -20,11 +23,11 @@
 // that are large powers of two alias in the L1 cache (a 1 KiB stride maps 64
 // rows onto 4 sets); callers pad such strides by a vector.
 
-constexpr int64_t W = TFREC_TILES_W;
+constexpr int64_t W = TFREC_ISA_W;
 
-typedef float V __attribute__((vector_size(TFREC_TILES_W * 4)));
-typedef float Vu __attribute__((vector_size(TFREC_TILES_W * 4), aligned(4)));
-typedef int32_t VI __attribute__((vector_size(TFREC_TILES_W * 4)));
+typedef float V __attribute__((vector_size(TFREC_ISA_W * 4)));
+typedef float Vu __attribute__((vector_size(TFREC_ISA_W * 4), aligned(4)));
+typedef int32_t VI __attribute__((vector_size(TFREC_ISA_W * 4)));
 
 inline V Load(const float* p) { return *reinterpret_cast<const Vu*>(p); }
 inline void Store(float* p, V v) { *reinterpret_cast<Vu*>(p) = v; }
@@ -78,10 +81,12 @@ inline V Exp(V x) {
 }
 
 // S[r * ss + j] = mult * sum_{d < inner} a[r * as + d] * bT[d * bs + j]
-// for r < NR and j < ncols (a multiple of W).
-template <int NR>
-void ScoreTile(const float* a, int64_t as, int64_t inner, const float* bT,
-               int64_t bs, int64_t ncols, float mult, float* S, int64_t ss) {
+// for r < NR and j < ncols (a multiple of W); without the multiply when
+// kScaled is false.
+template <int NR, bool kScaled>
+void ScoreTileImpl(const float* a, int64_t as, int64_t inner, const float* bT,
+                   int64_t bs, int64_t ncols, float mult, float* S,
+                   int64_t ss) {
   const V vmult = Splat(mult);
   int64_t j = 0;
   for (; j + 2 * W <= ncols; j += 2 * W) {
@@ -97,8 +102,12 @@ void ScoreTile(const float* a, int64_t as, int64_t inner, const float* bT,
       }
     }
     for (int r = 0; r < NR; ++r) {
-      Store(S + r * ss + j, acc0[r] * vmult);
-      Store(S + r * ss + j + W, acc1[r] * vmult);
+      if constexpr (kScaled) {
+        acc0[r] *= vmult;
+        acc1[r] *= vmult;
+      }
+      Store(S + r * ss + j, acc0[r]);
+      Store(S + r * ss + j + W, acc1[r]);
     }
   }
   if (j < ncols) {
@@ -109,8 +118,27 @@ void ScoreTile(const float* a, int64_t as, int64_t inner, const float* bT,
       const V b0 = Load(b);
       for (int r = 0; r < NR; ++r) acc0[r] += Splat(a[r * as + d]) * b0;
     }
-    for (int r = 0; r < NR; ++r) Store(S + r * ss + j, acc0[r] * vmult);
+    for (int r = 0; r < NR; ++r) {
+      if constexpr (kScaled) acc0[r] *= vmult;
+      Store(S + r * ss + j, acc0[r]);
+    }
   }
+}
+
+// S = mult * a bT (see ScoreTileImpl).
+template <int NR>
+inline void ScoreTile(const float* a, int64_t as, int64_t inner,
+                      const float* bT, int64_t bs, int64_t ncols, float mult,
+                      float* S, int64_t ss) {
+  ScoreTileImpl<NR, true>(a, as, inner, bT, bs, ncols, mult, S, ss);
+}
+
+// S = a bT (see ScoreTileImpl).
+template <int NR>
+inline void ScoreTile(const float* a, int64_t as, int64_t inner,
+                      const float* bT, int64_t bs, int64_t ncols, float* S,
+                      int64_t ss) {
+  ScoreTileImpl<NR, false>(a, as, inner, bT, bs, ncols, 1.0f, S, ss);
 }
 
 // acc[r * cs + c] += sum_{j < nk} P[r * ps + j] * b[j * bs + c]
@@ -189,7 +217,7 @@ void RankUpdate(const float* P, int64_t ps, int64_t nk, const float* a,
 
 // dst[d * np + j] = src[j * stride + d] for j < n, d < dim; zero for
 // n <= j < np (keys past the last one score 0 and are masked).
-void PackTransposed(const float* src, int64_t stride, int64_t n, int64_t dim,
+[[maybe_unused]] void PackTransposed(const float* src, int64_t stride, int64_t n, int64_t dim,
                     int64_t np, float* dst) {
   for (int64_t d = 0; d < dim; ++d) {
     float* row = dst + d * np;
@@ -213,7 +241,7 @@ void PackTransposed(const float* src, int64_t stride, int64_t n, int64_t dim,
 
 // dst[j * dimp + d] = src[j * stride + d] for j < n, d < dim; zero for
 // d >= dim and for n <= j < np.
-void PackRows(const float* src, int64_t stride, int64_t n, int64_t dim,
+[[maybe_unused]] void PackRows(const float* src, int64_t stride, int64_t n, int64_t dim,
               int64_t dimp, int64_t np, float* dst) {
   for (int64_t j = 0; j < n; ++j) {
     const float* s = src + j * stride;

@@ -1,109 +1,28 @@
 // Cut cross-entropy on the CPU: workspace layout, the backward's plan and
-// reduction, and the runtime choice of instruction set for the vector code
-// in cut_cross_entropy_impl.h. See cut_cross_entropy.h.
+// reduction, and the dispatch to the vector code in cut_cross_entropy_impl.h
+// (one copy per instruction set: cpu_isa.h). See cut_cross_entropy.h.
 #include "custom_ops/kernels/cut_cross_entropy.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <vector>
 
-#include "custom_ops/kernels/ragged_attention.h"
+#include "custom_ops/kernels/aligned_floats.h"
+#include "custom_ops/kernels/cpu_isa.h"
 
 namespace tfrec_fast {
 namespace kernels {
-namespace {
-
-// A growable, 64-byte aligned float buffer for per-thread tiles, kept across
-// the work units of one worker.
-class AlignedFloats {
- public:
-  AlignedFloats() = default;
-  AlignedFloats(const AlignedFloats&) = delete;
-  AlignedFloats& operator=(const AlignedFloats&) = delete;
-  ~AlignedFloats() { std::free(data_); }
-
-  // At least `count` floats (contents unspecified), valid until the next Get.
-  float* Get(int64_t count) {
-    const size_t need = static_cast<size_t>(std::max<int64_t>(count, 1));
-    if (need > size_) {
-      std::free(data_);
-      size_ = need;
-      const size_t bytes = (size_ * sizeof(float) + 63) / 64 * 64;
-      data_ = static_cast<float*>(std::aligned_alloc(64, bytes));
-      if (data_ == nullptr) std::abort();
-    }
-    return data_;
-  }
-
- private:
-  float* data_ = nullptr;
-  size_t size_ = 0;
-};
-
-}  // namespace
 
 namespace cce_impl {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define TFREC_CCE_X86_MULTI 1
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,bmi,bmi2")
-#define TFREC_CCE_NS avx512
-#define TFREC_CCE_W 16
-#define TFREC_CCE_R 8
-#include "custom_ops/kernels/cut_cross_entropy_impl.h"
-#undef TFREC_CCE_NS
-#undef TFREC_CCE_W
-#undef TFREC_CCE_R
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,bmi,bmi2")
-#define TFREC_CCE_NS avx2
-#define TFREC_CCE_W 8
-#define TFREC_CCE_R 4
-#include "custom_ops/kernels/cut_cross_entropy_impl.h"
-#undef TFREC_CCE_NS
-#undef TFREC_CCE_W
-#undef TFREC_CCE_R
-#pragma GCC pop_options
-#endif
-
-// The build's own target (SSE2 on x86-64, NEON on arm64, ...).
-#define TFREC_CCE_NS generic
-#define TFREC_CCE_W 4
-#define TFREC_CCE_R 4
-#include "custom_ops/kernels/cut_cross_entropy_impl.h"
-#undef TFREC_CCE_NS
-#undef TFREC_CCE_W
-#undef TFREC_CCE_R
-
+#define TFREC_ISA_IMPL "custom_ops/kernels/cut_cross_entropy_impl.h"
+#include "custom_ops/kernels/cpu_isa_variants.h"
 }  // namespace cce_impl
 
 namespace {
-
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
-// The attention kernels' choice (CPU features capped by TFREC_FAST_CPU_ISA),
-// so that both op families always run the same instruction set.
-Isa GetIsa() {
-  static const Isa isa = [] {
-    const std::string name = RaggedAttentionIsa();
-#ifdef TFREC_CCE_X86_MULTI
-    if (name == "avx512") return Isa::kAvx512;
-    if (name == "avx2") return Isa::kAvx2;
-#endif
-    return Isa::kGeneric;
-  }();
-  return isa;
-}
 
 // Backward groups per thread: enough for a thread slowed by other work to
 // hand its share to the others, few enough that the dH partials (one per
@@ -133,31 +52,13 @@ int64_t CutCrossEntropyForwardUnits(const CutCrossEntropyDims& dims) {
 void CutCrossEntropyPackForward(const CutCrossEntropyDims& dims,
                                 const CutCrossEntropyForwardArgs& args,
                                 int64_t begin, int64_t end) {
-  switch (GetIsa()) {
-#ifdef TFREC_CCE_X86_MULTI
-    case Isa::kAvx512:
-      return cce_impl::avx512::PackForward(dims, args, begin, end);
-    case Isa::kAvx2:
-      return cce_impl::avx2::PackForward(dims, args, begin, end);
-#endif
-    default:
-      return cce_impl::generic::PackForward(dims, args, begin, end);
-  }
+  TFREC_FAST_ISA_DISPATCH(cce_impl, PackForward(dims, args, begin, end));
 }
 
 void CutCrossEntropyForwardWorker(const CutCrossEntropyDims& dims,
                                   const CutCrossEntropyForwardArgs& args,
                                   std::atomic<int64_t>* next) {
-  switch (GetIsa()) {
-#ifdef TFREC_CCE_X86_MULTI
-    case Isa::kAvx512:
-      return cce_impl::avx512::ForwardWorker(dims, args, next);
-    case Isa::kAvx2:
-      return cce_impl::avx2::ForwardWorker(dims, args, next);
-#endif
-    default:
-      return cce_impl::generic::ForwardWorker(dims, args, next);
-  }
+  TFREC_FAST_ISA_DISPATCH(cce_impl, ForwardWorker(dims, args, next));
 }
 
 CutCrossEntropyBackwardPlan PlanCutCrossEntropyBackward(
@@ -217,16 +118,7 @@ void CutCrossEntropyBackwardWorker(const CutCrossEntropyDims& dims,
                                    const CutCrossEntropyBackwardArgs& args,
                                    const CutCrossEntropyBackwardPlan& plan,
                                    std::atomic<int64_t>* next) {
-  switch (GetIsa()) {
-#ifdef TFREC_CCE_X86_MULTI
-    case Isa::kAvx512:
-      return cce_impl::avx512::BackwardWorker(dims, args, plan, next);
-    case Isa::kAvx2:
-      return cce_impl::avx2::BackwardWorker(dims, args, plan, next);
-#endif
-    default:
-      return cce_impl::generic::BackwardWorker(dims, args, plan, next);
-  }
+  TFREC_FAST_ISA_DISPATCH(cce_impl, BackwardWorker(dims, args, plan, next));
 }
 
 void CutCrossEntropyBackwardReduce(const CutCrossEntropyDims& dims,

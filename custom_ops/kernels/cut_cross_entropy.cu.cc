@@ -53,13 +53,10 @@
 #include <limits>
 #include <type_traits>
 
-// Kernel launches and dynamic shared memory go through these macros so that
-// the harness's CPU emulation (custom_ops/harness/emulation/) can run this
-// very file on the CPU.
-#ifndef TFREC_KERNEL_LAUNCH
-#define TFREC_KERNEL_LAUNCH(kernel, grid, block, smem, stream) \
-  kernel<<<grid, block, smem, stream>>>
-#endif
+// Kernel launches (TFREC_KERNEL_LAUNCH) and dynamic shared memory go through
+// gpu_kernel_helpers.cu.h so that the harness's CPU emulation
+// (custom_ops/harness/emulation/) can run this very file on the CPU.
+#include "custom_ops/kernels/gpu_kernel_helpers.cu.h"
 
 // Tensor-core kernels exist for sm_80+ only (bfloat16 wmma); compiled for
 // an older architecture their bodies are empty and the host never picks
@@ -83,8 +80,6 @@ constexpr int kTileRows = 64;
 constexpr int kTileCols = 64;
 constexpr int kSLd = kTileCols + 4;  // row stride (floats) of the S tile
 constexpr int kPLd = kTileCols + 8;  // row stride (elements) of the P tile
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr size_t kDefaultSharedBytes = 48 * 1024;
 // Column-info markers (never equal to a valid target, nor to -1, the marker
 // of an invalid target).
 constexpr int64_t kPaddingColumn = -3;  // past num_cols: probability 0
@@ -112,30 +107,9 @@ struct Cfg {
   static_assert(kLd % 8 == 0 || sizeof(T) == 4, "wmma ldm");
 };
 
-__device__ __forceinline__ float ToFloat(float x) { return x; }
-__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
-template <typename T>
-__device__ __forceinline__ T FromFloat(float x);
-template <>
-__device__ __forceinline__ float FromFloat<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half FromFloat<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
 template <typename T>
 __device__ __forceinline__ T Zero() {
-  return FromFloat<T>(0.0f);
+  return gpu::FromFloat<T>(0.0f);
 }
 
 // 4 consecutive elements of shared memory as float32 (aligned to 4
@@ -150,13 +124,7 @@ __device__ __forceinline__ void Load4(const float* p, float* x) {
 template <typename T>
 __device__ __forceinline__ void Load4(const T* p, float* x) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) x[i] = ToFloat(p[i]);
-}
-
-__device__ __forceinline__ int64_t ReadId(const void* ids, int is64,
-                                          int64_t i) {
-  return is64 ? static_cast<const int64_t*>(ids)[i]
-              : static_cast<int64_t>(static_cast<const int32_t*>(ids)[i]);
+  for (int i = 0; i < 4; ++i) x[i] = gpu::ToFloat(p[i]);
 }
 
 __device__ __forceinline__ float QuadMax(float v) {
@@ -167,27 +135,6 @@ __device__ __forceinline__ float QuadSum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
-__device__ __forceinline__ float WarpSum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
-
-// Merges the running log-sum-exp (m2, l2) into (m, l). m is never NaN
-// (fmaxf drops NaN); a NaN logit lives in l.
-__device__ __forceinline__ void MergeLse(float& m, float& l, float m2,
-                                         float l2) {
-  const float mm = fmaxf(m, m2);
-  if (mm == -INFINITY) {
-    l += l2;
-    return;
-  }
-  l = l * exp2f((m - mm) * kLog2e) + l2 * exp2f((m2 - mm) * kLog2e);
-  m = mm;
-}
-
 __device__ __forceinline__ float FinishLse(float m, float l) {
   if (l > 0.0f) return m + logf(l);
   return l == 0.0f ? -INFINITY : l;  // l NaN: NaN
@@ -198,15 +145,6 @@ __device__ __forceinline__ float LogAddExp(float a, float b) {
   const float mm = fmaxf(a, b);
   if (mm == -INFINITY || mm == INFINITY) return mm;
   return mm + log1pf(expf(fminf(a, b) - mm));
-}
-
-__device__ __forceinline__ unsigned char* SharedBytes() {
-#ifdef TFREC_EMULATED_SHARED
-  return reinterpret_cast<unsigned char*>(TFREC_EMULATED_SHARED());
-#else
-  extern __shared__ float4 cce_shared_raw[];
-  return reinterpret_cast<unsigned char*>(cce_shared_raw);
-#endif
 }
 
 struct TileArgs {
@@ -322,7 +260,7 @@ __device__ __forceinline__ void LoadColumnInfo(const TileArgs& a,
   int64_t it = kPaddingColumn;
   float o = -INFINITY;
   if (j < a.num_cols) {
-    it = a.col_ids != nullptr ? ReadId(a.col_ids, a.col_ids64, j) : j;
+    it = a.col_ids != nullptr ? gpu::ReadId(a.col_ids, a.col_ids64, j) : j;
     if (it >= 0 && it < a.c_items) {
       o = (a.bias != nullptr ? a.bias[it] : 0.0f) -
           (a.col_log_kq != nullptr ? a.col_log_kq[j] : 0.0f);
@@ -338,7 +276,7 @@ __device__ __forceinline__ void LoadColumnInfo(const TileArgs& a,
 // Threads 0..63: target of rows [row0, row0 + 64) (-1: past N or invalid).
 __device__ __forceinline__ int64_t RowTarget(const TileArgs& a, int64_t row) {
   if (row >= a.n) return -1;
-  const int64_t y = ReadId(a.targets, a.targets64, row);
+  const int64_t y = gpu::ReadId(a.targets, a.targets64, row);
   return (y >= 0 && y < a.c_items) ? y : -1;
 }
 
@@ -630,7 +568,7 @@ struct Smem {
   float* row_coef;
 
   __device__ __forceinline__ Smem() {
-    unsigned char* base = SharedBytes();
+    unsigned char* base = gpu::DynamicShared<unsigned char>();
     hs = reinterpret_cast<T*>(base + C::kHOff);
     ws = reinterpret_cast<T*>(base + C::kWOff);
     s = reinterpret_cast<float*>(base + C::kSOff);
@@ -692,8 +630,8 @@ __device__ __forceinline__ void ForwardBody(const TileArgs& a) {
     const float ref = m_new == -INFINITY ? 0.0f : m_new;
     float sum = 0.0f;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) sum += exp2f((v[j] - ref) * kLog2e);
-    l = l * exp2f((m - ref) * kLog2e) + sum;
+    for (int j = 0; j < 16; ++j) sum += exp2f((v[j] - ref) * gpu::kLog2e);
+    l = l * exp2f((m - ref) * gpu::kLog2e) + sum;
     m = m_new;
   }
   l = QuadSum(l);
@@ -710,7 +648,7 @@ __device__ __forceinline__ float Probability(const TileArgs& a, float sv,
                                              float lse) {
   if (item == kPaddingColumn) return 0.0f;
   if (item == y && a.positive_apart && a.remove_hits) return 0.0f;
-  float p = exp2f((sv - lse) * kLog2e);
+  float p = exp2f((sv - lse) * gpu::kLog2e);
   if (item == y && !a.positive_apart) p -= 1.0f;
   return p;
 }
@@ -753,7 +691,7 @@ __device__ __forceinline__ void DhBody(const TileArgs& a) {
       const float p = Probability(a, sm.s[r * kSLd + c] + sm.col_off[c],
                                   sm.col_item[c], y, lse);
       if (kWmma) {
-        sm.pt[r * kPLd + c] = FromFloat<T>(p);
+        sm.pt[r * kPLd + c] = gpu::FromFloat<T>(p);
       } else {
         sm.s[r * kSLd + c] = p;
       }
@@ -821,7 +759,7 @@ __device__ __forceinline__ void DwBody(const TileArgs& a) {
       // g == 0: exactly 0, even for a NaN p.
       const float ds = coef == 0.0f ? 0.0f : coef * p;
       sm.s[r * kSLd + c] = ds;
-      if (kWmma) sm.pt[r * kPLd + c] = FromFloat<T>(ds);
+      if (kWmma) sm.pt[r * kPLd + c] = gpu::FromFloat<T>(ds);
     }
     if (a.dchunks > 1 && z != a.dchunks - 1) {
       LoadRowTile<T, DCH>(sm.hs, a, row0, dz, sm.row_coef);
@@ -845,7 +783,7 @@ __device__ __forceinline__ void DwBody(const TileArgs& a) {
     prod.Store(sm.s, [&](int cr, int cc, float value) {
       const int64_t col = col0 + cr;
       if (col < num_cols && cc < dlen) {
-        out[col * d + dz + cc] = FromFloat<T>(value * scale);
+        out[col * d + dz + cc] = gpu::FromFloat<T>(value * scale);
       }
     });
     if (z == 0 && tid < kTileCols && col0 + tid < num_cols &&
@@ -918,15 +856,15 @@ __device__ __forceinline__ float PositiveLogit(const RowArgs& a, int64_t row,
   const T* w = static_cast<const T*>(a.w) + y * a.d;
   float acc = 0.0f;
   for (int64_t k = lane; k < a.d; k += 32) {
-    acc = fmaf(ToFloat(h[k]), ToFloat(w[k]), acc);
+    acc = fmaf(gpu::ToFloat(h[k]), gpu::ToFloat(w[k]), acc);
   }
-  acc = WarpSum(acc);
+  acc = gpu::WarpSum(acc);
   return acc + (a.bias != nullptr ? a.bias[y] : 0.0f);
 }
 
 __device__ __forceinline__ int64_t ValidTarget(const RowArgs& a,
                                                int64_t row) {
-  const int64_t y = ReadId(a.targets, a.targets64, row);
+  const int64_t y = gpu::ReadId(a.targets, a.targets64, row);
   return (y >= 0 && y < a.c_items) ? y : -1;
 }
 
@@ -939,13 +877,13 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(const RowArgs a) {
   float m = -INFINITY;
   float l = 0.0f;
   for (int s = lane; s < a.splits; s += 32) {
-    MergeLse(m, l, a.part_m[s * a.n + row], a.part_l[s * a.n + row]);
+    gpu::MergeLse(m, l, a.part_m[s * a.n + row], a.part_l[s * a.n + row]);
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float m2 = __shfl_xor_sync(0xffffffffu, m, offset);
     const float l2 = __shfl_xor_sync(0xffffffffu, l, offset);
-    MergeLse(m, l, m2, l2);
+    gpu::MergeLse(m, l, m2, l2);
   }
   float lse = FinishLse(m, l);
   float target;
@@ -978,7 +916,7 @@ __global__ void __launch_bounds__(kThreads) FinishDhKernel(const RowArgs a) {
     y = ValidTarget(a, row);
     const float s_pos = PositiveLogit<T>(a, row, y);
     ds_pos = g == 0.0f ? 0.0f
-                       : g * (exp2f((s_pos - a.lse[row]) * kLog2e) - 1.0f);
+                       : g * (exp2f((s_pos - a.lse[row]) * gpu::kLog2e) - 1.0f);
   }
   const T* h = static_cast<const T*>(a.h) + row * d;
   const T* w = static_cast<const T*>(a.w) + (y < 0 ? 0 : y) * d;
@@ -991,10 +929,10 @@ __global__ void __launch_bounds__(kThreads) FinishDhKernel(const RowArgs a) {
     for (int s = 0; s < a.splits; ++s) sum += a.dh_part[(s * n + row) * d + k];
     float v = g == 0.0f ? 0.0f : g * sum;
     if (a.positive_apart) {
-      v += ds_pos * (y < 0 ? NAN : ToFloat(w[k]));
-      dw[k] = FromFloat<T>(ds_pos * ToFloat(h[k]));
+      v += ds_pos * (y < 0 ? NAN : gpu::ToFloat(w[k]));
+      dw[k] = gpu::FromFloat<T>(ds_pos * gpu::ToFloat(h[k]));
     }
-    dh[k] = FromFloat<T>(v);
+    dh[k] = gpu::FromFloat<T>(v);
   }
   if (a.positive_apart && lane == 0 && a.db_out != nullptr) {
     a.db_out[a.num_cols + row] = ds_pos;
@@ -1015,7 +953,7 @@ __global__ void __launch_bounds__(kThreads)
        i < total; i += stride) {
     float sum = 0.0f;
     for (int s = 0; s < splits; ++s) sum += dw_part[s * total + i];
-    dw[i] = FromFloat<T>(sum * scale);
+    dw[i] = gpu::FromFloat<T>(sum * scale);
   }
   if (db == nullptr) return;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
@@ -1038,7 +976,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int offset = 16; offset > 0; offset >>= 1) {
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
   }
-  float* red = reinterpret_cast<float*>(SharedBytes());
+  float* red = reinterpret_cast<float*>(gpu::DynamicShared<unsigned char>());
   const int warp = static_cast<int>(threadIdx.x) / 32;
   if (threadIdx.x % 32 == 0) red[warp] = mx;
   __syncthreads();
@@ -1057,50 +995,25 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------
 // Host side.
 
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    if (device < 0) return;
-    status_ = cudaGetDevice(&previous_);
-    if (status_ == cudaSuccess && previous_ != device) {
-      status_ = cudaSetDevice(device);
-      switched_ = status_ == cudaSuccess;
-    }
-  }
-  ~DeviceScope() {
-    if (switched_) cudaSetDevice(previous_);
-  }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-  cudaError_t status() const { return status_; }
-
- private:
-  int previous_ = -1;
-  bool switched_ = false;
-  cudaError_t status_ = cudaSuccess;
-};
-
 struct DeviceInfo {
   int sms = 1;
   int major = 0;
-  size_t max_shared = kDefaultSharedBytes;
+  size_t max_shared = gpu::kDefaultSharedBytes;
 };
 
 cudaError_t GetDeviceInfo(int device, DeviceInfo* info) {
-  int dev = device;
-  cudaError_t err = cudaSuccess;
-  if (dev < 0) err = cudaGetDevice(&dev);
+  int dev = 0;
+  cudaError_t err = gpu::ResolveDevice(device, &dev);
   if (err != cudaSuccess) return err;
   int value = 0;
-  err = cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, dev);
+  err = gpu::DeviceAttribute(dev, cudaDevAttrMultiProcessorCount, &value);
   if (err != cudaSuccess) return err;
   info->sms = std::max(1, value);
-  err = cudaDeviceGetAttribute(&value, cudaDevAttrComputeCapabilityMajor,
-                               dev);
+  err = gpu::DeviceAttribute(dev, cudaDevAttrComputeCapabilityMajor, &value);
   if (err != cudaSuccess) return err;
   info->major = value;
-  err = cudaDeviceGetAttribute(&value,
-                               cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  err = gpu::DeviceAttribute(dev, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                             &value);
   if (err != cudaSuccess) return err;
   info->max_shared = static_cast<size_t>(value);
   return cudaSuccess;
@@ -1129,8 +1042,6 @@ size_t TileSharedBytes(CrossEntropyGpuType type, int dch, bool wmma) {
 size_t ElementBytes(CrossEntropyGpuType type) {
   return type == CrossEntropyGpuType::kFloat32 ? 4 : 2;
 }
-
-size_t AlignBytes(size_t x) { return (x + 255) / 256 * 256; }
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -1220,24 +1131,25 @@ cudaError_t MakePlan(const FusedSoftmaxGpuProblem& p, Plan* plan) {
   // Forward workspace: partial max / sum per (split, row), target logits.
   size_t off = 0;
   plan->fwd_m = off;
-  off += AlignBytes(sizeof(float) * plan->fwd_splits * n);
+  off += gpu::AlignBytes(sizeof(float) * plan->fwd_splits * n);
   plan->fwd_l = off;
-  off += AlignBytes(sizeof(float) * plan->fwd_splits * n);
+  off += gpu::AlignBytes(sizeof(float) * plan->fwd_splits * n);
   plan->fwd_target = off;
-  off += AlignBytes(sizeof(float) * n);
+  off += gpu::AlignBytes(sizeof(float) * n);
   plan->fwd_bytes = std::max<size_t>(off, 256);
   // Backward workspace: grad scale, dH partials, dW / db partials.
   off = 0;
   plan->bwd_gscale = off;
   off += 256;
   plan->bwd_dh = off;
-  off += AlignBytes(sizeof(float) * plan->dh_splits * n * p.dim);
+  off += gpu::AlignBytes(sizeof(float) * plan->dh_splits * n * p.dim);
   plan->bwd_dw = off;
   plan->bwd_db = off;
   if (plan->dw_splits > 1) {
-    off += AlignBytes(sizeof(float) * plan->dw_splits * p.num_cols * p.dim);
+    off += gpu::AlignBytes(sizeof(float) * plan->dw_splits * p.num_cols *
+                           p.dim);
     plan->bwd_db = off;
-    off += AlignBytes(sizeof(float) * plan->dw_splits * p.num_cols);
+    off += gpu::AlignBytes(sizeof(float) * plan->dw_splits * p.num_cols);
   }
   plan->bwd_bytes = off;
   return cudaSuccess;
@@ -1247,12 +1159,8 @@ template <typename Kernel>
 cudaError_t Launch(Kernel kernel, dim3 grid, size_t smem, const TileArgs& a,
                    cudaStream_t stream) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  if (smem > kDefaultSharedBytes) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        reinterpret_cast<const void*>(kernel),
-        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = gpu::AllowDynamicShared(kernel, smem);
+  if (err != cudaSuccess) return err;
   TFREC_KERNEL_LAUNCH(kernel, grid, kThreads, smem, stream)(a);
   return cudaGetLastError();
 }
@@ -1276,16 +1184,6 @@ cudaError_t Dispatch(CrossEntropyGpuType type, const Plan& plan, Fn&& fn) {
     case CrossEntropyGpuType::kBFloat16:
       return plan.wmma ? by_dch(__nv_bfloat16{}, std::true_type{})
                        : by_dch(__nv_bfloat16{}, std::false_type{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <typename Fn>
-cudaError_t DispatchType(CrossEntropyGpuType type, Fn&& fn) {
-  switch (type) {
-    case CrossEntropyGpuType::kFloat32: return fn(float{});
-    case CrossEntropyGpuType::kFloat16: return fn(__half{});
-    case CrossEntropyGpuType::kBFloat16: return fn(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
 }
@@ -1376,7 +1274,7 @@ unsigned int RowBlocks(int64_t n) {
 cudaError_t FusedSoftmaxGpuWorkspaceBytes(const FusedSoftmaxGpuProblem& p,
                                           bool backward, size_t* bytes) {
   using namespace cce_gpu;
-  DeviceScope scope(p.device);
+  gpu::DeviceScope scope(p.device);
   if (scope.status() != cudaSuccess) return scope.status();
   Plan plan;
   const cudaError_t err = MakePlan(p, &plan);
@@ -1390,7 +1288,7 @@ cudaError_t FusedSoftmaxGpuForward(const FusedSoftmaxGpuProblem& p,
                                    size_t workspace_bytes,
                                    cudaStream_t stream) {
   using namespace cce_gpu;
-  DeviceScope scope(p.device);
+  gpu::DeviceScope scope(p.device);
   if (scope.status() != cudaSuccess) return scope.status();
   Plan plan;
   cudaError_t err = MakePlan(p, &plan);
@@ -1419,7 +1317,7 @@ cudaError_t FusedSoftmaxGpuForward(const FusedSoftmaxGpuProblem& p,
   r.target_logit = a.target_logit;
   r.loss = loss;
   r.lse_out = lse;
-  return DispatchType(p.type, [&](auto tag) {
+  return gpu::DispatchType(p.type, [&](auto tag) {
     using T = decltype(tag);
     TFREC_KERNEL_LAUNCH(CombineKernel<T>, RowBlocks(p.num_rows), kThreads, 0,
                         stream)(r);
@@ -1434,7 +1332,7 @@ cudaError_t FusedSoftmaxGpuBackward(const FusedSoftmaxGpuProblem& p,
                                     size_t workspace_bytes,
                                     cudaStream_t stream) {
   using namespace cce_gpu;
-  DeviceScope scope(p.device);
+  gpu::DeviceScope scope(p.device);
   if (scope.status() != cudaSuccess) return scope.status();
   Plan plan;
   cudaError_t err = MakePlan(p, &plan);
@@ -1483,7 +1381,7 @@ cudaError_t FusedSoftmaxGpuBackward(const FusedSoftmaxGpuProblem& p,
   r.dh = d_hidden;
   r.dw_out = d_item_table;
   r.db_out = d_item_bias;
-  return DispatchType(p.type, [&](auto tag) {
+  return gpu::DispatchType(p.type, [&](auto tag) {
     using T = decltype(tag);
     if (p.dim > 0 || p.positive_apart) {
       TFREC_KERNEL_LAUNCH(FinishDhKernel<T>, RowBlocks(p.num_rows), kThreads,

@@ -50,7 +50,7 @@
 //
 // Vector code: GCC vector extensions compiled for AVX-512, AVX2 + FMA and
 // the build's baseline, picked at run time as for the attention kernels
-// (TFREC_FAST_CPU_ISA caps it; see ragged_attention.cc).
+// (TFREC_FAST_CPU_ISA caps it; see cpu_isa.h).
 //
 // Framework-free (std only). Compute is float32.
 #ifndef TFREC_FAST_KERNELS_CUT_CROSS_ENTROPY_H_

@@ -1,10 +1,10 @@
 // The vector code of the cut cross-entropy kernels, compiled once per
-// instruction set. NOT a normal header: cut_cross_entropy.cc includes it
-// several times, each time inside a `#pragma GCC target` region and with
-//   TFREC_CCE_NS  the namespace to define (e.g. avx512),
-//   TFREC_CCE_W   floats per vector (16 for AVX-512, 8 for AVX2, 4 otherwise),
-//   TFREC_CCE_R   rows per register tile,
-// after the std headers and AlignedFloats. No include guard on purpose.
+// instruction set. NOT a normal header: cut_cross_entropy.cc has
+// cpu_isa_variants.h include it once per instruction set, with
+//   TFREC_ISA_NS  the namespace to define (e.g. avx512),
+//   TFREC_ISA_W   floats per vector (16 for AVX-512, 8 for AVX2, 4 otherwise),
+//   TFREC_ISA_R   rows per register tile,
+// after the std headers and aligned_floats.h. No include guard on purpose.
 //
 // See cut_cross_entropy.h for the algorithm. The tiles (cpu_tiles_impl.h)
 // are used as (R rows t, one block of kCceItemBlock items c):
@@ -12,14 +12,12 @@
 //   AccumulateTile  dH[t, :] += sum_c dS[t, c] w_c  (b = W rows)
 //   RankUpdate      dW[c, :] += sum_t dS[t, c] h_t  (a = h rows)
 
-namespace TFREC_CCE_NS {
+namespace TFREC_ISA_NS {
 namespace {
 
-#define TFREC_TILES_W TFREC_CCE_W
 #include "custom_ops/kernels/cpu_tiles_impl.h"
-#undef TFREC_TILES_W
 
-constexpr int R = TFREC_CCE_R;
+constexpr int R = TFREC_ISA_R;
 constexpr int64_t kBlock = kCceItemBlock;
 constexpr int64_t kStride = kCceItemStride;
 static_assert(kBlock % (2 * W) == 0, "item block must be whole tiles");
@@ -264,4 +262,4 @@ void BackwardWorker(const CutCrossEntropyDims& dims,
   }
 }
 
-}  // namespace TFREC_CCE_NS
+}  // namespace TFREC_ISA_NS

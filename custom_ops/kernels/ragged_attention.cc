@@ -1,127 +1,31 @@
 // Packed attention on the CPU: work planning, the reduction of split
-// (sequence, head)s, and the runtime choice of instruction set for the vector
-// code in ragged_attention_impl.h. See ragged_attention.h.
+// (sequence, head)s, and the dispatch to the vector code in
+// ragged_attention_impl.h (one copy per instruction set: cpu_isa.h). See
+// ragged_attention.h.
 #include "custom_ops/kernels/ragged_attention.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
 #include <string>
 #include <vector>
 
+#include "custom_ops/kernels/aligned_floats.h"
+#include "custom_ops/kernels/cpu_isa.h"
+
 namespace tfrec_fast {
 namespace kernels {
-namespace {
-
-// A growable, 64-byte aligned float buffer: per-thread scratch reused across
-// the work items one worker processes.
-class ScratchBuffer {
- public:
-  ScratchBuffer() = default;
-  ScratchBuffer(const ScratchBuffer&) = delete;
-  ScratchBuffer& operator=(const ScratchBuffer&) = delete;
-  ~ScratchBuffer() { std::free(data_); }
-
-  // At least `count` floats (contents unspecified), valid until the next Get.
-  float* Get(int64_t count) {
-    const size_t need = static_cast<size_t>(std::max<int64_t>(count, 1));
-    if (need > size_) {
-      std::free(data_);
-      size_ = std::max(need, size_ + size_ / 2);
-      const size_t bytes = (size_ * sizeof(float) + 63) / 64 * 64;
-      data_ = static_cast<float*>(std::aligned_alloc(64, bytes));
-      if (data_ == nullptr) std::abort();
-    }
-    return data_;
-  }
-
- private:
-  float* data_ = nullptr;
-  size_t size_ = 0;
-};
-
-}  // namespace
 
 namespace ra_impl {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define TFREC_RA_X86_MULTI 1
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,bmi,bmi2")
-#define TFREC_RA_NS avx512
-#define TFREC_RA_W 16
-#define TFREC_RA_R 8
-#include "custom_ops/kernels/ragged_attention_impl.h"
-#undef TFREC_RA_NS
-#undef TFREC_RA_W
-#undef TFREC_RA_R
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,bmi,bmi2")
-#define TFREC_RA_NS avx2
-#define TFREC_RA_W 8
-#define TFREC_RA_R 4
-#include "custom_ops/kernels/ragged_attention_impl.h"
-#undef TFREC_RA_NS
-#undef TFREC_RA_W
-#undef TFREC_RA_R
-#pragma GCC pop_options
-#endif
-
-// The build's own target (SSE2 on x86-64, NEON on arm64, ...).
-#define TFREC_RA_NS generic
-#define TFREC_RA_W 4
-#define TFREC_RA_R 4
-#include "custom_ops/kernels/ragged_attention_impl.h"
-#undef TFREC_RA_NS
-#undef TFREC_RA_W
-#undef TFREC_RA_R
-
+#define TFREC_ISA_IMPL "custom_ops/kernels/ragged_attention_impl.h"
+#include "custom_ops/kernels/cpu_isa_variants.h"
 }  // namespace ra_impl
 
 namespace {
-
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa DetectIsa() {
-  Isa best = Isa::kGeneric;
-#ifdef TFREC_RA_X86_MULTI
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("bmi2")) {
-    best = Isa::kAvx2;
-  }
-  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512bw")) {
-    best = Isa::kAvx512;
-  }
-#endif
-  // TFREC_FAST_CPU_ISA=generic|avx2|avx512 caps the choice (for tests of
-  // every code path on one machine); it never picks an unsupported one.
-  const char* cap = std::getenv("TFREC_FAST_CPU_ISA");
-  if (cap != nullptr) {
-    const std::string want(cap);
-    Isa limit = best;
-    if (want == "generic") limit = Isa::kGeneric;
-    if (want == "avx2") limit = Isa::kAvx2;
-    if (static_cast<int>(limit) < static_cast<int>(best)) best = limit;
-  }
-  return best;
-}
-
-Isa GetIsa() {
-  static const Isa isa = DetectIsa();
-  return isa;
-}
 
 // Pairs (query, key) one (sequence, head) of `n` tokens computes.
 double Pairs(int64_t n, bool causal) {
@@ -281,32 +185,14 @@ void RaggedAttentionForwardWorker(const RaggedAttentionDims& dims,
                                   const RaggedAttentionForwardArgs& args,
                                   const RaggedAttentionPlan& plan,
                                   std::atomic<int64_t>* next) {
-  switch (GetIsa()) {
-#ifdef TFREC_RA_X86_MULTI
-    case Isa::kAvx512:
-      return ra_impl::avx512::ForwardWorker(dims, args, plan, next);
-    case Isa::kAvx2:
-      return ra_impl::avx2::ForwardWorker(dims, args, plan, next);
-#endif
-    default:
-      return ra_impl::generic::ForwardWorker(dims, args, plan, next);
-  }
+  TFREC_FAST_ISA_DISPATCH(ra_impl, ForwardWorker(dims, args, plan, next));
 }
 
 void RaggedAttentionBackwardWorker(const RaggedAttentionDims& dims,
                                    const RaggedAttentionBackwardArgs& args,
                                    const RaggedAttentionPlan& plan,
                                    std::atomic<int64_t>* next) {
-  switch (GetIsa()) {
-#ifdef TFREC_RA_X86_MULTI
-    case Isa::kAvx512:
-      return ra_impl::avx512::BackwardWorker(dims, args, plan, next);
-    case Isa::kAvx2:
-      return ra_impl::avx2::BackwardWorker(dims, args, plan, next);
-#endif
-    default:
-      return ra_impl::generic::BackwardWorker(dims, args, plan, next);
-  }
+  TFREC_FAST_ISA_DISPATCH(ra_impl, BackwardWorker(dims, args, plan, next));
 }
 
 void RaggedAttentionReduce(const RaggedAttentionDims& dims,
@@ -356,17 +242,6 @@ void RaggedAttentionBackward(const int64_t* row_splits, int64_t num_rows,
   RaggedAttentionBackwardWorker(dims, args, plan, &next);
   RaggedAttentionReduce(dims, args, plan, 0,
                         static_cast<int64_t>(plan.reduce_units.size()));
-}
-
-const char* RaggedAttentionIsa() {
-  switch (GetIsa()) {
-    case Isa::kAvx512:
-      return "avx512";
-    case Isa::kAvx2:
-      return "avx2";
-    default:
-      return "generic";
-  }
 }
 
 }  // namespace kernels

@@ -33,20 +33,16 @@
 #include <limits>
 #include <vector>
 
-// Kernel launches go through this macro so that the harness's CPU emulation
+// Kernel launches (TFREC_KERNEL_LAUNCH) and dynamic shared memory go through
+// gpu_kernel_helpers.cu.h so that the harness's CPU emulation
 // (custom_ops/harness/emulation/) can run this very file on the CPU.
-#ifndef TFREC_RA_LAUNCH
-#define TFREC_RA_LAUNCH(kernel, grid, block, smem, stream) \
-  kernel<<<grid, block, smem, stream>>>
-#endif
+#include "custom_ops/kernels/gpu_kernel_helpers.cu.h"
 
 namespace tfrec_fast {
 namespace kernels {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr size_t kDefaultSharedBytes = 48 * 1024;
 
 template <int DMAX, int RPT>
 struct Cfg {
@@ -74,27 +70,6 @@ struct Cfg {
            ? (kDkvFloats > kForwardFloats ? kDkvFloats : kForwardFloats)
            : (kDqFloats > kForwardFloats ? kDqFloats : kForwardFloats));
 };
-
-__device__ __forceinline__ float ToFloat(float x) { return x; }
-__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
-template <typename T>
-__device__ __forceinline__ T FromFloat(float x);
-template <>
-__device__ __forceinline__ float FromFloat<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half FromFloat<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // N consecutive floats of shared memory, N in {1, 2, 4}, aligned to N * 4.
 template <int N>
@@ -162,9 +137,10 @@ __device__ __forceinline__ void LoadTile(float* __restrict__ dst,
 #pragma unroll
   for (int n = 0; n < C::kLoadIters; ++n) {
     const int r = r0 + n * kRowStep;
-    tmp[n] = (r < rows && d < dim)
-                 ? ToFloat(src[base + static_cast<int64_t>(r) * stride + d])
-                 : 0.0f;
+    tmp[n] =
+        (r < rows && d < dim)
+            ? gpu::ToFloat(src[base + static_cast<int64_t>(r) * stride + d])
+            : 0.0f;
   }
 #pragma unroll
   for (int n = 0; n < C::kLoadIters; ++n) {
@@ -269,7 +245,7 @@ __device__ __forceinline__ void StoreRows(
       for (int w = 0; w < C::kW; ++w) {
         const int col = cc * 16 * C::kW + tx * C::kW + w;
         if (col < dim) {
-          row[col] = FromFloat<T>(acc[i][cc * C::kW + w] * factor[i]);
+          row[col] = gpu::FromFloat<T>(acc[i][cc * C::kW + w] * factor[i]);
         }
       }
     }
@@ -307,15 +283,6 @@ __device__ __forceinline__ bool GetItem(const KernelArgs& args,
   return item->length > 0;
 }
 
-__device__ __forceinline__ float* SharedFloats() {
-#ifdef TFREC_RA_EMULATED_SHARED
-  return TFREC_RA_EMULATED_SHARED();
-#else
-  extern __shared__ float4 shared_raw[];
-  return reinterpret_cast<float*>(shared_raw);
-#endif
-}
-
 // ---------------------------------------------------------------------------
 // Forward: one block per (query block, head).
 template <typename T, int DMAX, int RPT>
@@ -334,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int q0 = item.block * C::kRows;
   const int q_rows = min(C::kRows, len - q0);
 
-  float* qs = SharedFloats();
+  float* qs = gpu::DynamicShared<float>();
   float* ks = qs + C::kTile;  // also the X tile (probabilities)
   float* vs = ks + (C::kTile > C::kXTile ? C::kTile : C::kXTile);
   float* xs = ks;
@@ -389,11 +356,11 @@ __global__ void __launch_bounds__(kThreads, 2)
       // A row that has seen no key yet (only rows past the sequence end)
       // keeps m = -inf; 0 as the reference avoids inf - inf.
       const float ref = m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = exp2f((m[i] - ref) * kLog2e);
+      const float alpha = exp2f((m[i] - ref) * gpu::kLog2e);
       float row_sum = 0.0f;
 #pragma unroll
       for (int j = 0; j < RPT; ++j) {
-        s[i][j] = exp2f((s[i][j] - ref) * kLog2e);
+        s[i][j] = exp2f((s[i][j] - ref) * gpu::kLog2e);
         row_sum += s[i][j];
       }
       l[i] = l[i] * alpha + row_sum;  // this thread's columns only
@@ -438,7 +405,8 @@ __global__ void __launch_bounds__(kThreads)
     float sum = 0.0f;
     const int64_t base = row * dim;
     for (int col = lane; col < dim; col += 32) {
-      sum = fmaf(ToFloat(d_out[base + col]), ToFloat(out[base + col]), sum);
+      sum = fmaf(gpu::ToFloat(d_out[base + col]),
+                 gpu::ToFloat(out[base + col]), sum);
     }
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
@@ -466,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int q_rows = min(C::kRows, len - q0);
   const int64_t first = static_cast<int64_t>(item.start) + q0;
 
-  float* qs = SharedFloats();
+  float* qs = gpu::DynamicShared<float>();
   float* dos = qs + C::kTile;
   float* ks = dos + C::kTile;
   float* vs = ks + C::kTile;
@@ -515,7 +483,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const bool seen =
             row < len && key < len && (!args.causal || key <= row);
         const float p =
-            seen ? exp2f(fmaf(s[i][j], scale, -lse[i]) * kLog2e) : 0.0f;
+            seen ? exp2f(fmaf(s[i][j], scale, -lse[i]) * gpu::kLog2e) : 0.0f;
         s[i][j] = p * (dp[i][j] - dsum[i]);  // dS
       }
     }
@@ -552,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int k_rows = min(C::kRows, len - k0);
   const int64_t first_key = static_cast<int64_t>(item.start) + k0;
 
-  float* ks = SharedFloats();
+  float* ks = gpu::DynamicShared<float>();
   float* vs = ks + C::kTile;
   float* qs = vs + C::kTile;
   float* dos = qs + C::kTile;
@@ -608,7 +576,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const bool seen =
             key < len && query < len && (!args.causal || key <= query);
         p[i][j] =
-            seen ? exp2f(fmaf(p[i][j], scale, -lses[col]) * kLog2e) : 0.0f;
+            seen ? exp2f(fmaf(p[i][j], scale, -lses[col]) * gpu::kLog2e) : 0.0f;
         ds[i][j] = p[i][j] * (ds[i][j] - dsums[col]);
       }
     }
@@ -723,30 +691,6 @@ __global__ void __launch_bounds__(kPlanThreads)
 // ---------------------------------------------------------------------------
 // Host side.
 
-// Makes `device` current for the scope (if >= 0 and not already current).
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    if (device < 0) return;
-    status_ = cudaGetDevice(&previous_);
-    if (status_ == cudaSuccess && previous_ != device) {
-      status_ = cudaSetDevice(device);
-      switched_ = status_ == cudaSuccess;
-    }
-  }
-  ~DeviceScope() {
-    if (switched_) cudaSetDevice(previous_);
-  }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-  cudaError_t status() const { return status_; }
-
- private:
-  int previous_ = -1;
-  bool switched_ = false;
-  cudaError_t status_ = cudaSuccess;
-};
-
 // The padded head width the kernels are specialised for: 32, 64 or 128.
 int PaddedDim(int64_t head_dim, int64_t value_dim) {
   const int64_t d = std::max(head_dim, value_dim);
@@ -769,13 +713,9 @@ size_t SharedBytes(int dmax, int block_rows) {
 }
 
 cudaError_t MaxSharedBytes(int device, size_t* bytes) {
-  int dev = device;
-  cudaError_t err = cudaSuccess;
-  if (dev < 0) err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
   int value = 0;
-  err = cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                               dev);
+  const cudaError_t err = gpu::DeviceAttribute(
+      device, cudaDevAttrMaxSharedMemoryPerBlockOptin, &value);
   *bytes = static_cast<size_t>(value);
   return err;
 }
@@ -797,16 +737,11 @@ template <typename Kernel>
 cudaError_t LaunchTiled(Kernel kernel, size_t smem,
                         const RaggedAttentionGpuWork& work, int num_heads,
                         const KernelArgs& args, cudaStream_t stream) {
-  if (smem > kDefaultSharedBytes) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        reinterpret_cast<const void*>(kernel),
-        cudaFuncAttributeMaxDynamicSharedMemorySize,
-        static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = gpu::AllowDynamicShared(kernel, smem);
+  if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned int>(work.num_items),
                   static_cast<unsigned int>(num_heads));
-  TFREC_RA_LAUNCH(kernel, grid, kThreads, smem, stream)(args);
+  TFREC_KERNEL_LAUNCH(kernel, grid, kThreads, smem, stream)(args);
   return cudaGetLastError();
 }
 
@@ -915,8 +850,9 @@ struct BackwardLauncher {
     if (rows > 0) {
       const int64_t blocks = std::min<int64_t>(
           (rows + kThreads / 32 - 1) / (kThreads / 32), 65536);
-      TFREC_RA_LAUNCH(RowDotKernel<T>, static_cast<unsigned int>(blocks),
-                      kThreads, 0, stream)(
+      TFREC_KERNEL_LAUNCH(RowDotKernel<T>,
+                          static_cast<unsigned int>(blocks), kThreads, 0,
+                          stream)(
           static_cast<const T*>(args.d_out), static_cast<const T*>(args.out),
           rows, value_dim, const_cast<float*>(args.dsum));
       const cudaError_t err = cudaGetLastError();
@@ -1013,14 +949,14 @@ cudaError_t LaunchPlanRaggedAttentionGpu(const void* row_splits_device,
       row_splits_device == nullptr || (max_items > 0 && items == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  DeviceScope scope(device);
+  gpu::DeviceScope scope(device);
   if (scope.status() != cudaSuccess) return scope.status();
   if (row_splits_int64) {
-    TFREC_RA_LAUNCH(PlanKernel<int64_t>, 1, kPlanThreads, 0, stream)(
+    TFREC_KERNEL_LAUNCH(PlanKernel<int64_t>, 1, kPlanThreads, 0, stream)(
         static_cast<const int64_t*>(row_splits_device), num_rows, num_tokens,
         block_rows, items, max_items, header_device);
   } else {
-    TFREC_RA_LAUNCH(PlanKernel<int32_t>, 1, kPlanThreads, 0, stream)(
+    TFREC_KERNEL_LAUNCH(PlanKernel<int32_t>, 1, kPlanThreads, 0, stream)(
         static_cast<const int32_t*>(row_splits_device), num_rows, num_tokens,
         block_rows, items, max_items, header_device);
   }
@@ -1032,7 +968,7 @@ cudaError_t RaggedAttentionGpuForward(const RaggedAttentionGpuDims& dims,
                                       const void* q, const void* k,
                                       const void* v, void* out, float* lse,
                                       cudaStream_t stream) {
-  DeviceScope scope(dims.device);
+  gpu::DeviceScope scope(dims.device);
   if (scope.status() != cudaSuccess) return scope.status();
   cudaError_t err = CheckLaunch(dims, work);
   if (err != cudaSuccess) return err;
@@ -1067,7 +1003,7 @@ cudaError_t RaggedAttentionGpuBackward(const RaggedAttentionGpuDims& dims,
                                        const float* lse, const void* d_out,
                                        void* dq, void* dk, void* dv,
                                        void* workspace, cudaStream_t stream) {
-  DeviceScope scope(dims.device);
+  gpu::DeviceScope scope(dims.device);
   if (scope.status() != cudaSuccess) return scope.status();
   cudaError_t err = CheckLaunch(dims, work);
   if (err != cudaSuccess) return err;

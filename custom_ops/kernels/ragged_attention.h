@@ -28,7 +28,7 @@
 //
 // Vector code: GCC vector extensions, compiled for AVX-512, AVX2+FMA and
 // baseline x86-64 (or the build's own target elsewhere) with a runtime pick
-// of the best the CPU supports (see ragged_attention.cc).
+// of the best the CPU supports (cpu_isa.h).
 //
 // Framework-free (std only): built into the TensorFlow op library and usable
 // from a standalone harness. Compute is float32.
@@ -152,10 +152,6 @@ void RaggedAttentionForward(const int64_t* row_splits, int64_t num_rows,
 void RaggedAttentionBackward(const int64_t* row_splits, int64_t num_rows,
                              const RaggedAttentionDims& dims,
                              RaggedAttentionBackwardArgs args);
-
-// The instruction set the vector code runs with on this CPU: "avx512",
-// "avx2" or "generic".
-const char* RaggedAttentionIsa();
 
 }  // namespace kernels
 }  // namespace tfrec_fast

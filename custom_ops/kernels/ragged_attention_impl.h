@@ -1,10 +1,10 @@
 // The vector code of the packed attention kernels, compiled once per
-// instruction set. NOT a normal header: ragged_attention.cc includes it
-// several times, each time inside a `#pragma GCC target` region and with
-//   TFREC_RA_NS  the namespace to define (e.g. avx512),
-//   TFREC_RA_W   floats per vector (16 for AVX-512, 8 for AVX2, 4 otherwise),
-//   TFREC_RA_R   query rows per block (the register tile height),
-// after the std headers and ScratchBuffer. No include guard on purpose.
+// instruction set. NOT a normal header: ragged_attention.cc has
+// cpu_isa_variants.h include it once per instruction set, with
+//   TFREC_ISA_NS  the namespace to define (e.g. avx512),
+//   TFREC_ISA_W   floats per vector (16 for AVX-512, 8 for AVX2, 4 otherwise),
+//   TFREC_ISA_R   query rows per block (the register tile height),
+// after the std headers and aligned_floats.h. No include guard on purpose.
 //
 // The tiles come from cpu_tiles_impl.h (shared with the cross-entropy
 // kernels), used here as (R = query rows per block):
@@ -14,23 +14,21 @@
 // streaming packed, zero-padded per-thread copies (K^T, V^T, K, V of the
 // current (sequence, head)), so inner loops are unit-stride vectors.
 
-namespace TFREC_RA_NS {
+namespace TFREC_ISA_NS {
 namespace {
 
 // W, V, Load / Store / Splat / Exp, ScoreTile, AccumulateTile, RankUpdate,
 // PackTransposed, PackRows, MaskTail.
-#define TFREC_TILES_W TFREC_RA_W
 #include "custom_ops/kernels/cpu_tiles_impl.h"
-#undef TFREC_TILES_W
 
-constexpr int R = TFREC_RA_R;
+constexpr int R = TFREC_ISA_R;
 // Keys per block of the online softmax: an [R, kKeyBlock] tile of scores
 // (and of dP in the backward) stays in L1.
 constexpr int64_t kKeyBlock = 256;
 static_assert(kKeyBlock % W == 0, "key block must be whole vectors");
 
 struct ForwardScratch {
-  ScratchBuffer kT, vp, q, s, o;
+  AlignedFloats kT, vp, q, s, o;
 };
 
 void ForwardItem(const RaggedAttentionDims& dims,
@@ -111,7 +109,7 @@ void ForwardItem(const RaggedAttentionDims& dims,
 }
 
 struct BackwardScratch {
-  ScratchBuffer kT, vT, kp, dk, dv, q, dout, s, ds, dq;
+  AlignedFloats kT, vT, kp, dk, dv, q, dout, s, ds, dq;
 };
 
 void BackwardItem(const RaggedAttentionDims& dims,
@@ -249,4 +247,4 @@ void BackwardWorker(const RaggedAttentionDims& dims,
   }
 }
 
-}  // namespace TFREC_RA_NS
+}  // namespace TFREC_ISA_NS

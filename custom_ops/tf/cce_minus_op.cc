@@ -7,15 +7,13 @@
 // always float32.
 #define EIGEN_USE_THREADS
 
-#include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <string>
-#include <type_traits>
 
 #include "custom_ops/kernels/cce_minus.h"
-#include "custom_ops/tf/validate_ids_message.h"
+#include "custom_ops/tf/cce_minus_checks.h"
+#include "custom_ops/tf/op_util.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -31,42 +29,37 @@ using shape_inference::InferenceContext;
 using shape_inference::ShapeHandle;
 using tfrec_fast::kernels::CceMinusArgs;
 using tfrec_fast::kernels::CceMinusSampling;
-
-// Inputs shared by both ops.
-enum Input {
-  kHidden = 0,
-  kItemTable,
-  kItemBias,
-  kTargets,
-  kNegativeIds,
-  kNegativeLogKq,
-  kAliasAccept,
-  kAliasIndex,
-  kLogQTable,
-  kRngKey,
-  kNumInputs,
-  // Gradient op only.
-  kLogSumExp = kNumInputs,
-  kDLoss,
-};
+using tfrec_fast_internal::AllocateOutput;
+using tfrec_fast_internal::AsFloat;
+using tfrec_fast_internal::CceMinusAttrs;
+using tfrec_fast_internal::CceMinusOpKernelBase;
+using tfrec_fast_internal::CceMinusSamplingAttr;
+using tfrec_fast_internal::CceMinusShape;
+using tfrec_fast_internal::CheckCceMinusGradInputs;
+using tfrec_fast_internal::CheckCceMinusInputs;
+using tfrec_fast_internal::CheckIdsInRange;
+using tfrec_fast_internal::FromFloat;
+using tfrec_fast_internal::NumWorkers;
+using tfrec_fast_internal::PullParallelFor;
+using In = tfrec_fast_internal::CceMinusInput;
 
 // Checks what the shape functions of both ops share; sets *n (rows), *d
 // (hidden size), *c (items) and *table_rows (rows of d_item_table).
 Status CceMinusShapes(InferenceContext* c, DimensionHandle* n,
                       DimensionHandle* d, DimensionHandle* table_rows) {
   ShapeHandle hidden, table, bias, targets, ids, log_kq, unused;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(kHidden), 2, &hidden));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(kItemTable), 2, &table));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(kItemBias), 1, &bias));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(kTargets), 1, &targets));
-  TF_RETURN_IF_ERROR(c->Merge(c->input(kNegativeIds),
-                              c->input(kNegativeLogKq), &ids));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(kAliasAccept), 1, &unused));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(kAliasIndex), 1, &unused));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(kLogQTable), 1, &unused));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(In::kHidden), 2, &hidden));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(In::kItemTable), 2, &table));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(In::kItemBias), 1, &bias));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(In::kTargets), 1, &targets));
+  TF_RETURN_IF_ERROR(c->Merge(c->input(In::kNegativeIds),
+                              c->input(In::kNegativeLogKq), &ids));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(In::kAliasAccept), 1, &unused));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(In::kAliasIndex), 1, &unused));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(In::kLogQTable), 1, &unused));
   ShapeHandle key;
   DimensionHandle key_size;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(kRngKey), 1, &key));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(In::kRngKey), 1, &key));
   TF_RETURN_IF_ERROR(c->WithValue(c->Dim(key, 0), 3, &key_size));
   TF_RETURN_IF_ERROR(c->Merge(c->Dim(hidden, 0), c->Dim(targets, 0), n));
   TF_RETURN_IF_ERROR(c->Merge(c->Dim(hidden, 1), c->Dim(table, 1), d));
@@ -169,13 +162,13 @@ REGISTER_OP("TfrecFastCceMinusGrad")
       DimensionHandle n, d, rows;
       TF_RETURN_IF_ERROR(CceMinusShapes(c, &n, &d, &rows));
       ShapeHandle lse, d_loss, bias;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(kLogSumExp), 1, &lse));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(kDLoss), 1, &d_loss));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(In::kLogSumExp), 1, &lse));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(In::kDLoss), 1, &d_loss));
       TF_RETURN_IF_ERROR(c->Merge(c->Dim(lse, 0), n, &n));
       TF_RETURN_IF_ERROR(c->Merge(c->Dim(d_loss, 0), n, &n));
       c->set_output(0, c->Matrix(n, d));
       c->set_output(1, c->Matrix(rows, d));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(kItemBias), 1, &bias));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(In::kItemBias), 1, &bias));
       const DimensionHandle bias_size = c->Dim(bias, 0);
       if (c->ValueKnown(bias_size) && c->Value(bias_size) == 0) {
         c->set_output(2, c->Vector(0));
@@ -196,240 +189,72 @@ logsumexp: The forward op's `logsumexp`.
 d_loss: [N] gradient of the objective with respect to `loss`.
 )doc");
 
-// A float32 view of `t`: the tensor itself for float, else a converted copy.
-template <typename T>
-Status AsFloat(OpKernelContext* ctx, const Tensor& t, Tensor* out) {
-  if constexpr (std::is_same<T, float>::value) {
-    *out = t;
-    return OkStatus();
-  } else {
-    TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_FLOAT, t.shape(), out));
-    out->flat<float>().device(ctx->eigen_cpu_device()) =
-        t.flat<T>().template cast<float>();
-    return OkStatus();
-  }
-}
-
-// Output `index` of type T, written through a float32 buffer `*buffer`
-// (the output itself for float; copied back by FromFloat otherwise).
-template <typename T>
-Status AllocateOutput(OpKernelContext* ctx, int index,
-                      const TensorShape& shape, Tensor** output,
-                      Tensor* buffer) {
-  TF_RETURN_IF_ERROR(ctx->allocate_output(index, shape, output));
-  if constexpr (std::is_same<T, float>::value) {
-    *buffer = **output;
-    return OkStatus();
-  }
-  return ctx->allocate_temp(DT_FLOAT, shape, buffer);
-}
-
-template <typename T>
-void FromFloat(OpKernelContext* ctx, const Tensor& buffer, Tensor* output) {
-  if constexpr (!std::is_same<T, float>::value) {
-    output->flat<T>().device(ctx->eigen_cpu_device()) =
-        buffer.flat<float>().template cast<T>();
-  }
-}
-
-// The first id of `t` outside [0, num_items), as an InvalidArgument error
-// naming `name`, the position and the value.
-template <typename Index>
-Status CheckIdRange(const Tensor& t, const char* name, int64_t num_items) {
-  const auto flat = t.flat<Index>();
-  const int64_t size = flat.size();
-  for (int64_t i = 0; i < size; ++i) {
-    const int64_t v = static_cast<int64_t>(flat(i));
-    if (v < 0 || v >= num_items) {
-      return tfrec_fast_internal::OutOfRangeError(name, t.shape(), i, v,
-                                                  num_items);
-    }
-  }
-  return OkStatus();
-}
-
-Status CheckVector(const Tensor& t, const char* name, int64_t size,
-                   const char* what) {
-  if (t.dims() != 1 || t.dim_size(0) != size) {
-    return errors::InvalidArgument(name, " must be ", what, " = [", size,
-                                   "], got shape ", t.shape().DebugString());
-  }
-  return OkStatus();
-}
-
-// Checks every input of both ops and fills the kernel arguments (pointers
-// to the float32 hidden / table are set by the caller).
-template <typename Index>
-Status ReadArgs(OpKernelContext* ctx, CceMinusSampling sampling,
-                int64_t num_negatives, bool remove_hits, CceMinusArgs* a) {
-  const Tensor& hidden = ctx->input(kHidden);
-  const Tensor& table = ctx->input(kItemTable);
-  const Tensor& bias = ctx->input(kItemBias);
-  const Tensor& targets = ctx->input(kTargets);
-  const Tensor& ids = ctx->input(kNegativeIds);
-  const Tensor& log_kq = ctx->input(kNegativeLogKq);
-  const Tensor& accept = ctx->input(kAliasAccept);
-  const Tensor& alias = ctx->input(kAliasIndex);
-  const Tensor& log_q = ctx->input(kLogQTable);
-  const Tensor& rng_key = ctx->input(kRngKey);
-  if (hidden.dims() != 2) {
-    return errors::InvalidArgument("hidden must be [N, D] (rank 2), got shape ",
-                                   hidden.shape().DebugString());
-  }
-  if (table.dims() != 2 || table.dim_size(1) != hidden.dim_size(1)) {
-    return errors::InvalidArgument(
-        "item_table must be [C, D] with the D = ", hidden.dim_size(1),
-        " of hidden, got shape ", table.shape().DebugString());
-  }
-  const int64_t N = hidden.dim_size(0), C = table.dim_size(0);
-  if (bias.dims() != 1 ||
-      (bias.dim_size(0) != 0 && bias.dim_size(0) != C)) {
-    return errors::InvalidArgument(
-        "item_bias must be [C] = [", C, "] or [0] (no bias), got shape ",
-        bias.shape().DebugString());
-  }
-  TF_RETURN_IF_ERROR(CheckVector(targets, "targets", N, "[N]"));
-  if (log_kq.shape() != ids.shape()) {
-    return errors::InvalidArgument(
-        "negative_log_kq ", log_kq.shape().DebugString(),
-        " must have the shape of negative_ids ", ids.shape().DebugString());
-  }
-  if (rng_key.dims() != 1 || rng_key.dim_size(0) != 3) {
-    return errors::InvalidArgument(
-        "rng_key must be [3] = (seed, step, row_offset), got shape ",
-        rng_key.shape().DebugString());
-  }
-  TF_RETURN_IF_ERROR(CheckIdRange<Index>(targets, "targets", C));
-  a->num_rows = N;
-  a->dim = hidden.dim_size(1);
-  a->num_items = C;
-  a->remove_accidental_hits = remove_hits;
-  a->bias = bias.dim_size(0) != 0 ? bias.flat<float>().data() : nullptr;
-  if constexpr (std::is_same<Index, int32>::value) {
+// Checks every input of both ops (cce_minus_checks.h) and fills the kernel
+// arguments (pointers to the float32 hidden / table are set by the caller).
+Status ReadArgs(OpKernelContext* ctx, const CceMinusAttrs& attrs,
+                CceMinusArgs* a) {
+  CceMinusShape shape;
+  TF_RETURN_IF_ERROR(
+      CheckCceMinusInputs(ctx, attrs, CheckIdsInRange, &shape));
+  const Tensor& targets = ctx->input(In::kTargets);
+  const Tensor& ids = ctx->input(In::kNegativeIds);
+  a->num_rows = shape.num_rows;
+  a->dim = shape.dim;
+  a->num_items = shape.num_items;
+  a->num_negatives = shape.num_negatives;
+  a->remove_accidental_hits = attrs.remove_hits;
+  a->bias = shape.has_bias ? ctx->input(In::kItemBias).flat<float>().data()
+                           : nullptr;
+  if (targets.dtype() == DT_INT32) {
     a->targets32 = targets.flat<int32>().data();
   } else {
     a->targets64 = targets.flat<int64_t>().data();
   }
-  const auto key = rng_key.flat<int64_t>();
+  const auto key = ctx->input(In::kRngKey).flat<int64_t>();
   a->seed = key(0);
   a->step = key(1);
   a->row_offset = key(2);
-
-  if (sampling == CceMinusSampling::kGivenPerRow) {  // given: rank decides
-    if (ids.dims() == 1) {
-      sampling = CceMinusSampling::kGivenShared;
-    } else if (ids.dims() != 2) {
-      return errors::InvalidArgument(
-          "negative_ids must be [N, K] (per row) or [K] (shared) when "
-          "sampling = \"given\", got shape ",
-          ids.shape().DebugString());
-    } else if (ids.dim_size(0) != N) {
-      return errors::InvalidArgument(
-          "per-row negative_ids must be [N, K] with the N = ", N,
-          " of hidden, got shape ", ids.shape().DebugString());
-    }
-    TF_RETURN_IF_ERROR(CheckIdRange<Index>(ids, "negative_ids", C));
-    a->num_negatives = ids.dims() == 1 ? ids.dim_size(0) : ids.dim_size(1);
-    if constexpr (std::is_same<Index, int32>::value) {
-      a->negative_ids32 = ids.flat<int32>().data();
-    } else {
-      a->negative_ids64 = ids.flat<int64_t>().data();
-    }
-    a->negative_log_kq = log_kq.flat<float>().data();
-  } else {
-    const char* mode =
-        sampling == CceMinusSampling::kUniform ? "uniform" : "unigram";
-    if (ids.NumElements() != 0) {
-      return errors::InvalidArgument(
-          "negative_ids must be empty when sampling = \"", mode,
-          "\" (the kernel draws num_negatives per row), got shape ",
-          ids.shape().DebugString());
-    }
-    a->num_negatives = num_negatives;
-    if (sampling == CceMinusSampling::kUnigram) {
-      TF_RETURN_IF_ERROR(CheckVector(accept, "alias_accept", C,
-                                     "[C] for sampling = \"unigram\""));
-      TF_RETURN_IF_ERROR(CheckVector(alias, "alias_index", C,
-                                     "[C] for sampling = \"unigram\""));
-      TF_RETURN_IF_ERROR(CheckVector(log_q, "log_q_table", C,
-                                     "[C] for sampling = \"unigram\""));
-      TF_RETURN_IF_ERROR(CheckIdRange<int64_t>(alias, "alias_index", C));
-      a->alias_accept = accept.flat<float>().data();
-      a->alias_index = alias.flat<int64_t>().data();
-      a->log_q_table = log_q.flat<float>().data();
-    }
-    if (N > 0 && num_negatives > 0 && C == 0) {
-      return errors::InvalidArgument(
-          "sampling = \"", mode, "\" needs a non-empty item_table");
-    }
+  switch (attrs.sampling) {
+    case CceMinusSamplingAttr::kGiven:
+      a->sampling = shape.shared_negatives ? CceMinusSampling::kGivenShared
+                                           : CceMinusSampling::kGivenPerRow;
+      if (ids.dtype() == DT_INT32) {
+        a->negative_ids32 = ids.flat<int32>().data();
+      } else {
+        a->negative_ids64 = ids.flat<int64_t>().data();
+      }
+      a->negative_log_kq = ctx->input(In::kNegativeLogKq).flat<float>().data();
+      break;
+    case CceMinusSamplingAttr::kUniform:
+      a->sampling = CceMinusSampling::kUniform;
+      break;
+    case CceMinusSamplingAttr::kUnigram:
+      a->sampling = CceMinusSampling::kUnigram;
+      a->alias_accept = ctx->input(In::kAliasAccept).flat<float>().data();
+      a->alias_index = ctx->input(In::kAliasIndex).flat<int64_t>().data();
+      a->log_q_table = ctx->input(In::kLogQTable).flat<float>().data();
+      break;
   }
-  a->sampling = sampling;
   return OkStatus();
 }
 
-// Runs fn(i), i < n, on up to NumThreads() threads of the intra-op pool
-// (each thread pulls indices from a shared counter).
+// The kernel's parallel-for: PullParallelFor on the intra-op pool.
 tfrec_fast::kernels::CceMinusParallelFor MakeParallelFor(
     OpKernelContext* ctx) {
-  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  return [pool](int64_t n, const std::function<void(int64_t)>& fn) {
-    std::atomic<int64_t> next(0);
-    const int64_t tasks = std::min<int64_t>(pool->NumThreads(), n);
-    auto worker = [&]() {
-      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
-    };
-    if (tasks <= 1) {
-      worker();
-      return;
-    }
-    // A huge cost per unit makes ParallelFor run one task per unit.
-    pool->ParallelFor(tasks, /*cost_per_unit=*/int64_t{1} << 40,
-                      [&](int64_t begin, int64_t end) {
-                        for (int64_t i = begin; i < end; ++i) worker();
-                      });
+  return [ctx](int64_t n, const std::function<void(int64_t)>& fn) {
+    PullParallelFor(ctx, n, fn);
   };
 }
 
-int NumWorkers(OpKernelContext* ctx) {
-  return ctx->device()->tensorflow_cpu_worker_threads()->workers->NumThreads();
-}
-
-class CceMinusOpBase : public OpKernel {
+class CceMinusOpBase : public CceMinusOpKernelBase {
  public:
-  explicit CceMinusOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    std::string sampling;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("sampling", &sampling));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_negatives", &num_negatives_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("remove_accidental_hits", &remove_hits_));
-    OP_REQUIRES(ctx, num_negatives_ >= 0,
-                errors::InvalidArgument("num_negatives must be >= 0, got ",
-                                        num_negatives_));
-    if (sampling == "given") {
-      sampling_ = CceMinusSampling::kGivenPerRow;  // or shared, by rank
-    } else if (sampling == "uniform") {
-      sampling_ = CceMinusSampling::kUniform;
-    } else if (sampling == "unigram") {
-      sampling_ = CceMinusSampling::kUnigram;
-    } else {
-      ctx->CtxFailure(errors::InvalidArgument(
-          "sampling must be \"given\", \"uniform\" or \"unigram\", got \"",
-          sampling, "\""));
-    }
-  }
+  explicit CceMinusOpBase(OpKernelConstruction* ctx)
+      : CceMinusOpKernelBase(ctx) {}
 
  protected:
   Status Read(OpKernelContext* ctx, CceMinusArgs* args) {
-    if (ctx->input(kTargets).dtype() == DT_INT32) {
-      return ReadArgs<int32>(ctx, sampling_, num_negatives_, remove_hits_,
-                             args);
-    }
-    return ReadArgs<int64_t>(ctx, sampling_, num_negatives_, remove_hits_,
-                             args);
+    return ReadArgs(ctx, attrs_, args);
   }
-
-  CceMinusSampling sampling_ = CceMinusSampling::kGivenPerRow;
-  int64_t num_negatives_ = 0;
-  bool remove_hits_ = true;
 };
 
 template <typename T>
@@ -446,8 +271,8 @@ class CceMinusOp : public CceMinusOpBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, rows, &lse));
     if (args.num_rows == 0) return;
     Tensor hf, wf;
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(kHidden), &hf));
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(kItemTable), &wf));
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(In::kHidden), &hf));
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(In::kItemTable), &wf));
     args.hidden = hf.flat<float>().data();
     args.table = wf.flat<float>().data();
     tfrec_fast::kernels::CceMinusForward(
@@ -464,12 +289,11 @@ class CceMinusGradOp : public CceMinusOpBase {
   void Compute(OpKernelContext* ctx) override {
     CceMinusArgs args;
     OP_REQUIRES_OK(ctx, Read(ctx, &args));
-    const Tensor& lse = ctx->input(kLogSumExp);
-    const Tensor& d_loss = ctx->input(kDLoss);
-    OP_REQUIRES_OK(ctx, CheckVector(lse, "logsumexp", args.num_rows, "[N]"));
-    OP_REQUIRES_OK(ctx, CheckVector(d_loss, "d_loss", args.num_rows, "[N]"));
+    OP_REQUIRES_OK(ctx, CheckCceMinusGradInputs(ctx, args.num_rows));
+    const Tensor& lse = ctx->input(In::kLogSumExp);
+    const Tensor& d_loss = ctx->input(In::kDLoss);
     const int64_t rows = tfrec_fast::kernels::CceMinusGradTableRows(args);
-    const bool has_bias = ctx->input(kItemBias).dim_size(0) != 0;
+    const bool has_bias = ctx->input(In::kItemBias).dim_size(0) != 0;
 
     Tensor *dh = nullptr, *dw = nullptr, *db = nullptr;
     Tensor dh_f, dw_f;
@@ -483,8 +307,8 @@ class CceMinusGradOp : public CceMinusOpBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             2, TensorShape({has_bias ? rows : 0}), &db));
     Tensor hf, wf;
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(kHidden), &hf));
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(kItemTable), &wf));
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(In::kHidden), &hf));
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(In::kItemTable), &wf));
     args.hidden = hf.flat<float>().data();
     args.table = wf.flat<float>().data();
     tfrec_fast::kernels::CceMinusGrads grads;

@@ -1,7 +1,7 @@
 // TfrecFastCutCrossEntropy / TfrecFastCutCrossEntropyGrad: full-catalog
 // softmax cross-entropy without the [N, C] logits
-// (docs/fused_cross_entropy.md), CPU kernels from custom_ops/kernels/cut_cross_entropy.h on TF's intra-op
-// thread pool.
+// (docs/fused_cross_entropy.md), CPU kernels from
+// custom_ops/kernels/cut_cross_entropy.h on TF's intra-op thread pool.
 //
 // Forward: pack W^T (parallel over item blocks), then workers pull row
 // chunks. Backward: pick and pack the live rows (d_loss != 0), then workers
@@ -15,12 +15,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "custom_ops/kernels/cut_cross_entropy.h"
-#include "custom_ops/tf/validate_ids_message.h"
+#include "custom_ops/tf/cut_cross_entropy_checks.h"
+#include "custom_ops/tf/op_util.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -34,6 +34,14 @@ namespace {
 using shape_inference::DimensionHandle;
 using shape_inference::InferenceContext;
 using shape_inference::ShapeHandle;
+using tfrec_fast_internal::AllocateOutput;
+using tfrec_fast_internal::AsFloat;
+using tfrec_fast_internal::CheckCutCrossEntropyGradInputs;
+using tfrec_fast_internal::CheckCutCrossEntropyInputs;
+using tfrec_fast_internal::CheckIdsInRange;
+using tfrec_fast_internal::CpuThreadPool;
+using tfrec_fast_internal::FromFloat;
+using tfrec_fast_internal::RunWorkers;
 using tfrec_fast::kernels::CutCrossEntropyBackwardArgs;
 using tfrec_fast::kernels::CutCrossEntropyBackwardPlan;
 using tfrec_fast::kernels::CutCrossEntropyDims;
@@ -125,102 +133,20 @@ d_item_table: [C, D] (dense: every item has a gradient).
 d_item_bias: [C], or [0] when item_bias is [0].
 )doc");
 
-// Ranks and sizes of hidden, item_table, item_bias, targets.
-Status CheckInputs(const Tensor& h, const Tensor& w, const Tensor& bias,
-                   const Tensor& targets) {
-  if (h.dims() != 2) {
-    return errors::InvalidArgument("hidden must be a matrix [N, D], got shape ",
-                                   h.shape().DebugString());
-  }
-  if (w.dims() != 2) {
-    return errors::InvalidArgument(
-        "item_table must be a matrix [C, D], got shape ",
-        w.shape().DebugString());
-  }
-  if (h.dim_size(1) != w.dim_size(1)) {
-    return errors::InvalidArgument(
-        "hidden ", h.shape().DebugString(), " and item_table ",
-        w.shape().DebugString(), " must have the same D (dimension 1)");
-  }
-  if (bias.dims() != 1 ||
-      (bias.dim_size(0) != w.dim_size(0) && bias.dim_size(0) != 0)) {
-    return errors::InvalidArgument(
-        "item_bias must be [C] = [", w.dim_size(0),
-        "] (dimension 0 of item_table) or [0] for no bias, got shape ",
-        bias.shape().DebugString());
-  }
-  if (targets.dims() != 1 || targets.dim_size(0) != h.dim_size(0)) {
-    return errors::InvalidArgument(
-        "targets must be [N] = [", h.dim_size(0),
-        "] (dimension 0 of hidden), got shape ", targets.shape().DebugString());
-  }
-  if (w.dim_size(0) == 0 && h.dim_size(0) > 0) {
-    return errors::InvalidArgument(
-        "item_table has no items (C = 0, shape ", w.shape().DebugString(),
-        ") but hidden has N = ", h.dim_size(0),
-        " rows: the softmax over an empty catalog is undefined");
-  }
-  return OkStatus();
-}
-
-// The targets as int64 in [0, C): the tensor's own memory for int64, else a
-// converted copy in *copy. The first id out of range is an InvalidArgument
-// worded as TfrecFastValidateIds words it.
+// The targets as int64 (checked to lie in [0, C)): the tensor's own memory
+// for int64, else a converted copy in *copy.
 template <typename Tidx>
 Status ReadTargets(const Tensor& targets, int64_t num_items,
                    std::vector<int64_t>* copy, const int64_t** out) {
+  TF_RETURN_IF_ERROR(CheckIdsInRange(targets, "targets", num_items));
   const auto flat = targets.flat<Tidx>();
-  const int64_t n = flat.size();
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t y = static_cast<int64_t>(flat(i));
-    if (y < 0 || y >= num_items) {
-      return tfrec_fast_internal::OutOfRangeError("targets", targets.shape(),
-                                                  i, y, num_items);
-    }
-  }
   if constexpr (std::is_same<Tidx, int64_t>::value) {
     *out = flat.data();
   } else {
-    copy->assign(flat.data(), flat.data() + n);
+    copy->assign(flat.data(), flat.data() + flat.size());
     *out = copy->data();
   }
   return OkStatus();
-}
-
-// A float32 view of `t`: the tensor itself for float, else a converted copy.
-template <typename T>
-Status AsFloat(OpKernelContext* ctx, const Tensor& t, Tensor* out) {
-  if constexpr (std::is_same<T, float>::value) {
-    *out = t;
-    return OkStatus();
-  } else {
-    TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_FLOAT, t.shape(), out));
-    out->flat<float>().device(ctx->eigen_cpu_device()) =
-        t.flat<T>().template cast<float>();
-    return OkStatus();
-  }
-}
-
-// Output `index` of type T, written through a float32 buffer `*buffer`
-// (the output itself for float; copied back by FromFloat otherwise).
-template <typename T>
-Status AllocateOutput(OpKernelContext* ctx, int index,
-                      const TensorShape& shape, Tensor** output,
-                      Tensor* buffer) {
-  TF_RETURN_IF_ERROR(ctx->allocate_output(index, shape, output));
-  if constexpr (std::is_same<T, float>::value) {
-    *buffer = **output;
-    return OkStatus();
-  }
-  return ctx->allocate_temp(DT_FLOAT, shape, buffer);
-}
-
-template <typename T>
-void FromFloat(OpKernelContext* ctx, const Tensor& buffer, Tensor* output) {
-  if constexpr (!std::is_same<T, float>::value) {
-    output->flat<T>().device(ctx->eigen_cpu_device()) =
-        buffer.flat<float>().template cast<T>();
-  }
 }
 
 CutCrossEntropyDims Dims(const Tensor& h, const Tensor& w,
@@ -233,24 +159,6 @@ CutCrossEntropyDims Dims(const Tensor& h, const Tensor& w,
   return dims;
 }
 
-thread::ThreadPool* Pool(OpKernelContext* ctx) {
-  return ctx->device()->tensorflow_cpu_worker_threads()->workers;
-}
-
-// Runs fn(k) for k in [0, tasks), one task per pool thread (a huge cost per
-// unit makes ParallelFor shard one unit per task).
-template <typename Fn>
-void RunTasks(OpKernelContext* ctx, int64_t tasks, Fn fn) {
-  if (tasks <= 1) {
-    if (tasks == 1) fn(0);
-    return;
-  }
-  Pool(ctx)->ParallelFor(tasks, /*cost_per_unit=*/int64_t{1} << 40,
-                         [&](int64_t begin, int64_t end) {
-                           for (int64_t k = begin; k < end; ++k) fn(k);
-                         });
-}
-
 template <typename T, typename Tidx>
 class CutCrossEntropyOp : public OpKernel {
  public:
@@ -261,7 +169,7 @@ class CutCrossEntropyOp : public OpKernel {
     const Tensor& w = ctx->input(1);
     const Tensor& bias = ctx->input(2);
     const Tensor& targets = ctx->input(3);
-    OP_REQUIRES_OK(ctx, CheckInputs(h, w, bias, targets));
+    OP_REQUIRES_OK(ctx, CheckCutCrossEntropyInputs(h, w, bias, targets));
     std::vector<int64_t> target_copy;
     const int64_t* target_ids = nullptr;
     OP_REQUIRES_OK(ctx, ReadTargets<Tidx>(targets, w.dim_size(0),
@@ -293,22 +201,20 @@ class CutCrossEntropyOp : public OpKernel {
     args.lse = lse->flat<float>().data();
     args.workspace = workspace.flat<float>().data();
 
-    auto* pool = Pool(ctx);
     const int64_t blocks = tfrec_fast::kernels::CutCrossEntropyItemBlocks(dims);
-    pool->ParallelFor(blocks, /*cost_per_unit=*/
-                      4 * tfrec_fast::kernels::kCceItemBlock * (dims.dim + 1),
-                      [&](int64_t begin, int64_t end) {
-                        tfrec_fast::kernels::CutCrossEntropyPackForward(
-                            dims, args, begin, end);
-                      });
-    std::atomic<int64_t> next(0);
-    const int64_t units =
-        tfrec_fast::kernels::CutCrossEntropyForwardUnits(dims);
-    RunTasks(ctx, std::min<int64_t>(pool->NumThreads(), units),
-             [&](int64_t) {
-               tfrec_fast::kernels::CutCrossEntropyForwardWorker(dims, args,
-                                                                 &next);
-             });
+    CpuThreadPool(ctx)->ParallelFor(
+        blocks,
+        /*cost_per_unit=*/4 * tfrec_fast::kernels::kCceItemBlock *
+            (dims.dim + 1),
+        [&](int64_t begin, int64_t end) {
+          tfrec_fast::kernels::CutCrossEntropyPackForward(dims, args, begin,
+                                                          end);
+        });
+    RunWorkers(ctx, tfrec_fast::kernels::CutCrossEntropyForwardUnits(dims),
+               [&](std::atomic<int64_t>* next) {
+                 tfrec_fast::kernels::CutCrossEntropyForwardWorker(dims, args,
+                                                                   next);
+               });
   }
 };
 
@@ -324,18 +230,9 @@ class CutCrossEntropyGradOp : public OpKernel {
     const Tensor& targets = ctx->input(3);
     const Tensor& lse = ctx->input(4);
     const Tensor& d_loss = ctx->input(5);
-    OP_REQUIRES_OK(ctx, CheckInputs(h, w, bias, targets));
+    OP_REQUIRES_OK(ctx, CheckCutCrossEntropyInputs(h, w, bias, targets));
+    OP_REQUIRES_OK(ctx, CheckCutCrossEntropyGradInputs(h, lse, d_loss));
     const int64_t N = h.dim_size(0);
-    OP_REQUIRES(ctx, lse.dims() == 1 && lse.dim_size(0) == N,
-                errors::InvalidArgument(
-                    "logsumexp must be [N] = [", N,
-                    "] (dimension 0 of hidden), got shape ",
-                    lse.shape().DebugString()));
-    OP_REQUIRES(ctx, d_loss.dims() == 1 && d_loss.dim_size(0) == N,
-                errors::InvalidArgument(
-                    "d_loss must be [N] = [", N,
-                    "] (dimension 0 of hidden), got shape ",
-                    d_loss.shape().DebugString()));
     std::vector<int64_t> target_copy;
     const int64_t* target_ids = nullptr;
     OP_REQUIRES_OK(ctx, ReadTargets<Tidx>(targets, w.dim_size(0),
@@ -357,7 +254,7 @@ class CutCrossEntropyGradOp : public OpKernel {
     Tensor hf, wf, workspace;
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, h, &hf));
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, w, &wf));
-    auto* pool = Pool(ctx);
+    auto* pool = CpuThreadPool(ctx);
     const CutCrossEntropyBackwardPlan plan =
         tfrec_fast::kernels::PlanCutCrossEntropyBackward(
             dims, d_loss.flat<float>().data(), pool->NumThreads());
@@ -384,10 +281,9 @@ class CutCrossEntropyGradOp : public OpKernel {
                         tfrec_fast::kernels::CutCrossEntropyPackBackward(
                             dims, args, plan, begin, end);
                       });
-    std::atomic<int64_t> next(0);
-    RunTasks(ctx, plan.num_workers, [&](int64_t) {
+    RunWorkers(ctx, plan.num_workers, [&](std::atomic<int64_t>* next) {
       tfrec_fast::kernels::CutCrossEntropyBackwardWorker(dims, args, plan,
-                                                         &next);
+                                                         next);
     });
     pool->ParallelFor(N, row_cost * plan.num_groups,
                       [&](int64_t begin, int64_t end) {

@@ -10,10 +10,10 @@
 #include <algorithm>
 #include <atomic>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "custom_ops/kernels/ragged_attention.h"
+#include "custom_ops/tf/op_util.h"
 #include "custom_ops/tf/ragged_attention_checks.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -25,9 +25,14 @@
 namespace tensorflow {
 namespace {
 
+using tfrec_fast_internal::AllocateOutput;
+using tfrec_fast_internal::AsFloat;
 using tfrec_fast_internal::CheckGradInputs;
 using tfrec_fast_internal::CheckPacked;
+using tfrec_fast_internal::CpuThreadPool;
+using tfrec_fast_internal::FromFloat;
 using tfrec_fast_internal::ReadRowSplits;
+using tfrec_fast_internal::RunWorkers;
 
 using shape_inference::DimensionHandle;
 using shape_inference::InferenceContext;
@@ -125,42 +130,6 @@ logsumexp: The forward op's `logsumexp`.
 d_out: [T, H, Dv] gradient of the loss with respect to `out`.
 )doc");
 
-// A float32 view of `t`: the tensor itself for float, else a converted copy.
-template <typename T>
-Status AsFloat(OpKernelContext* ctx, const Tensor& t, Tensor* out) {
-  if constexpr (std::is_same<T, float>::value) {
-    *out = t;
-    return OkStatus();
-  } else {
-    TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_FLOAT, t.shape(), out));
-    out->flat<float>().device(ctx->eigen_cpu_device()) =
-        t.flat<T>().template cast<float>();
-    return OkStatus();
-  }
-}
-
-// Output `index` of type T, written through a float32 buffer `*buffer`
-// (the output itself for float; copied back by FromFloat otherwise).
-template <typename T>
-Status AllocateOutput(OpKernelContext* ctx, int index,
-                      const TensorShape& shape, Tensor** output,
-                      Tensor* buffer) {
-  TF_RETURN_IF_ERROR(ctx->allocate_output(index, shape, output));
-  if constexpr (std::is_same<T, float>::value) {
-    *buffer = **output;
-    return OkStatus();
-  }
-  return ctx->allocate_temp(DT_FLOAT, shape, buffer);
-}
-
-template <typename T>
-void FromFloat(OpKernelContext* ctx, const Tensor& buffer, Tensor* output) {
-  if constexpr (!std::is_same<T, float>::value) {
-    output->flat<T>().device(ctx->eigen_cpu_device()) =
-        buffer.flat<float>().template cast<T>();
-  }
-}
-
 tfrec_fast::kernels::RaggedAttentionDims Dims(const Tensor& q,
                                               const Tensor& v, bool causal,
                                               float scale) {
@@ -172,24 +141,6 @@ tfrec_fast::kernels::RaggedAttentionDims Dims(const Tensor& q,
   dims.causal = causal;
   dims.scale = scale;
   return dims;
-}
-
-// Runs `worker(&next)` on up to NumThreads() threads of the intra-op pool
-// (each pulls items from the shared counter).
-template <typename Fn>
-void RunWorkers(OpKernelContext* ctx, int64_t num_items, Fn worker) {
-  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  std::atomic<int64_t> next(0);
-  const int64_t tasks = std::min<int64_t>(pool->NumThreads(), num_items);
-  if (tasks <= 1) {
-    worker(&next);
-    return;
-  }
-  // A huge cost per unit makes ParallelFor run one task per unit.
-  pool->ParallelFor(tasks, /*cost_per_unit=*/int64_t{1} << 40,
-                    [&](int64_t begin, int64_t end) {
-                      for (int64_t i = begin; i < end; ++i) worker(&next);
-                    });
 }
 
 template <typename T>
@@ -222,7 +173,7 @@ class RaggedAttentionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, k, &kf));
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, v, &vf));
 
-    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    auto* pool = CpuThreadPool(ctx);
     const auto plan = tfrec_fast::kernels::PlanRaggedAttention(
         row_splits.data(), static_cast<int64_t>(row_splits.size()) - 1, dims,
         pool->NumThreads());
@@ -280,7 +231,7 @@ class RaggedAttentionGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, out, &of));
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, d_out, &df));
 
-    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    auto* pool = CpuThreadPool(ctx);
     const auto plan = tfrec_fast::kernels::PlanRaggedAttention(
         row_splits.data(), static_cast<int64_t>(row_splits.size()) - 1, dims,
         pool->NumThreads());

@@ -19,35 +19,25 @@
 
 #include <cstdint>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "custom_ops/kernels/ragged_attention.h"
 #include "custom_ops/kernels/ragged_attention_gpu.h"
+#include "custom_ops/tf/gpu_op_util.h"
 #include "custom_ops/tf/ragged_attention_checks.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/platform/errors.h"
-#include "xla/stream_executor/stream.h"
-#include "xla/stream_executor/stream_executor.h"
 
 namespace tensorflow {
 namespace {
 
 namespace rak = tfrec_fast::kernels;
-
-template <typename T>
-constexpr rak::RaggedAttentionGpuType GpuType() {
-  if constexpr (std::is_same<T, float>::value) {
-    return rak::RaggedAttentionGpuType::kFloat32;
-  } else if constexpr (std::is_same<T, Eigen::half>::value) {
-    return rak::RaggedAttentionGpuType::kFloat16;
-  } else {
-    static_assert(std::is_same<T, bfloat16>::value, "float, half, bfloat16");
-    return rak::RaggedAttentionGpuType::kBFloat16;
-  }
-}
+using tfrec_fast_internal::CudaStatus;
+using tfrec_fast_internal::GetGpuContext;
+using tfrec_fast_internal::GpuContext;
+using tfrec_fast_internal::GpuTypeOf;
 
 // CheckPacked (shared with the CPU kernels), then the GPU kernels' limits.
 Status CheckPackedGpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -69,29 +59,6 @@ Status CheckPackedGpu(const Tensor& q, const Tensor& k, const Tensor& v,
         q.shape().DebugString());
   }
   return OkStatus();
-}
-
-struct GpuContext {
-  cudaStream_t stream = nullptr;
-  int device = -1;
-};
-
-Status GetGpuContext(OpKernelContext* ctx, const char* op, GpuContext* gpu) {
-  auto* device_context = ctx->op_device_context();
-  if (device_context == nullptr || device_context->stream() == nullptr) {
-    return errors::Internal(op, ": no GPU stream");
-  }
-  se::Stream* stream = device_context->stream();
-  gpu->stream =
-      static_cast<cudaStream_t>(stream->platform_specific_handle().stream);
-  gpu->device = stream->parent()->device_ordinal();
-  return OkStatus();
-}
-
-Status CudaStatus(cudaError_t err, const char* op) {
-  if (err == cudaSuccess) return OkStatus();
-  return errors::Internal(op, " GPU kernel failed: ", cudaGetErrorName(err),
-                          ": ", cudaGetErrorString(err));
 }
 
 // Plans the work on the host and copies the list to the device (`storage`
@@ -143,7 +110,7 @@ rak::RaggedAttentionGpuDims GpuDims(const Tensor& q, const Tensor& v,
   dims.value_dim = v.dim_size(2);
   dims.causal = causal;
   dims.scale = scale;
-  dims.type = GpuType<T>();
+  dims.type = GpuTypeOf<rak::RaggedAttentionGpuType, T>();
   dims.device = device;
   return dims;
 }
@@ -164,8 +131,8 @@ class RaggedAttentionGpuOp : public OpKernel {
     const Tensor& splits = ctx->input(3);  // HostMemory
     OP_REQUIRES_OK(ctx, CheckPackedGpu(q, k, v, splits));
     std::vector<int64_t> row_splits;
-    OP_REQUIRES_OK(ctx,
-                   tfrec_fast_internal::ReadRowSplits(splits, q.dim_size(0), &row_splits));
+    OP_REQUIRES_OK(ctx, tfrec_fast_internal::ReadRowSplits(
+                            splits, q.dim_size(0), &row_splits));
     Tensor* out = nullptr;
     Tensor* lse = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, v.shape(), &out));
@@ -216,8 +183,8 @@ class RaggedAttentionGradGpuOp : public OpKernel {
     OP_REQUIRES_OK(ctx, tfrec_fast_internal::CheckGradInputs(q, v, out, lse,
                                                              d_out));
     std::vector<int64_t> row_splits;
-    OP_REQUIRES_OK(ctx,
-                   tfrec_fast_internal::ReadRowSplits(splits, q.dim_size(0), &row_splits));
+    OP_REQUIRES_OK(ctx, tfrec_fast_internal::ReadRowSplits(
+                            splits, q.dim_size(0), &row_splits));
     Tensor *dq = nullptr, *dk = nullptr, *dv = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, q.shape(), &dq));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, k.shape(), &dk));

@@ -9,10 +9,10 @@
 #include <string>
 
 #include "custom_ops/kernels/validate_ids_gpu.h"
+#include "custom_ops/tf/gpu_op_util.h"
 #include "custom_ops/tf/validate_ids_message.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
-#include "xla/stream_executor/stream.h"
 
 namespace tensorflow {
 namespace {
@@ -36,11 +36,9 @@ class ValidateIdsGpuOp : public OpKernel {
       return;
     }
 
-    auto* device_context = ctx->op_device_context();
-    OP_REQUIRES(ctx, device_context != nullptr && device_context->stream(),
-                errors::Internal("TfrecFastValidateIds: no GPU stream"));
-    auto stream = static_cast<cudaStream_t>(
-        device_context->stream()->platform_specific_handle().stream);
+    tfrec_fast_internal::GpuContext gpu;
+    OP_REQUIRES_OK(ctx, tfrec_fast_internal::GetGpuContext(
+                            ctx, "TfrecFastValidateIds", &gpu));
 
     Tensor scratch;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_INT64, TensorShape({}),
@@ -53,10 +51,9 @@ class ValidateIdsGpuOp : public OpKernel {
         ids.flat<Id>().data(), n, num_items,
         reinterpret_cast<unsigned long long*>(
             scratch.scalar<int64_t>().data()),
-        stream, &bad, &bad_value);
-    OP_REQUIRES(ctx, err == cudaSuccess,
-                errors::Internal("TfrecFastValidateIds GPU kernel failed: ",
-                                 cudaGetErrorString(err)));
+        gpu.stream, &bad, &bad_value);
+    OP_REQUIRES_OK(ctx, tfrec_fast_internal::CudaStatus(
+                            err, "TfrecFastValidateIds"));
     OP_REQUIRES(ctx, bad == n,
                 tfrec_fast_internal::OutOfRangeError(
                     arg_name_, ids.shape(), bad, bad_value, num_items));

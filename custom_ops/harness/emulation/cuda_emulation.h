@@ -8,8 +8,8 @@
 // first, highest first). Dynamic shared memory is one buffer per launch,
 // "device"
 // pointers are host pointers, and the runtime calls the kernels make are
-// stubs (ragged_attention_emulated.cc). Not thread-safe: one launch at a time
-// in one process.
+// stubs (cuda_runtime_stubs.h). Not thread-safe: one launch at a time in one
+// process.
 //
 // It checks the real source's indexing, masking, shared-memory layout,
 // barrier and shuffle structure (a barrier some thread never reaches
@@ -385,10 +385,12 @@ Launcher<Kernel> MakeLauncher(Kernel kernel, dim3 grid, dim3 block,
 #define gridDim (::tfrec_emu::grid_dim)
 #define blockDim (::tfrec_emu::block_dim)
 
-#define TFREC_RA_LAUNCH(kernel, grid, block, smem, stream) \
-  (static_cast<void>(stream),                              \
+// The launch and dynamic shared memory hooks of
+// custom_ops/kernels/gpu_kernel_helpers.cu.h.
+#define TFREC_KERNEL_LAUNCH(kernel, grid, block, smem, stream) \
+  (static_cast<void>(stream),                                  \
    ::tfrec_emu::MakeLauncher(kernel, dim3(grid), dim3(block), (smem)))
-#define TFREC_RA_EMULATED_SHARED() ::tfrec_emu::DynamicShared()
+#define TFREC_EMULATED_SHARED() ::tfrec_emu::DynamicShared()
 
 inline void __syncthreads() { ::tfrec_emu::Barrier(-1); }
 
@@ -425,12 +427,6 @@ inline void __syncwarp(unsigned /*mask*/ = 0xffffffffu) {
 }
 
 using std::min;
-
-// Generic names for the launch and shared-memory hooks (the ragged
-// attention source uses the TFREC_RA_ ones).
-#define TFREC_KERNEL_LAUNCH(kernel, grid, block, smem, stream) \
-  TFREC_RA_LAUNCH(kernel, grid, block, smem, stream)
-#define TFREC_EMULATED_SHARED() ::tfrec_emu::DynamicShared()
 
 // ---------------------------------------------------------------------------
 // wmma (<mma.h>): whole fragments per thread.
