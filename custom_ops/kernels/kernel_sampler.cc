@@ -15,17 +15,16 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <numeric>
-#include <string>
 
 #include "custom_ops/kernels/counter_rng.h"
+#include "custom_ops/kernels/cpu_isa.h"
 
-// GCC on x86-64 (as custom_ops/kernels/cpu_isa.h): the AVX-512 and AVX2
-// copies are compiled; elsewhere only the build's own target.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// GCC on x86-64 (cpu_isa.h): the AVX-512 and AVX2 copies are compiled;
+// elsewhere only the build's own target.
+#ifdef TFREC_FAST_X86_MULTI_ISA
 #define TFREC_KS_X86 1
 // Load returns vectors by value from always-inline helpers that are only
 // ever inlined into callers with the matching instruction set; the ABI note
@@ -323,37 +322,10 @@ TFREC_KS_AVX2 void UpdateLeavesAvx2(const TreeLayout& layout,
 }
 #endif  // TFREC_KS_X86
 
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa DetectIsa() {
-  Isa best = Isa::kGeneric;
-#ifdef TFREC_KS_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    best = Isa::kAvx2;
-  }
-  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512bw")) {
-    best = Isa::kAvx512;
-  }
-#endif
-  const char* cap = std::getenv("TFREC_FAST_CPU_ISA");
-  if (cap != nullptr) {
-    const std::string want(cap);
-    Isa limit = best;
-    if (want == "generic") limit = Isa::kGeneric;
-    if (want == "avx2") limit = Isa::kAvx2;
-    if (static_cast<int>(limit) < static_cast<int>(best)) best = limit;
-  }
-  return best;
-}
-
-Isa GetIsa() {
-  static const Isa isa = DetectIsa();
-  return isa;
-}
+// The one process-wide choice of every CPU kernel (cpu_isa.h), so that
+// TFREC_FAST_CPU_ISA caps this kernel like the others.
+using Isa = CpuIsa;
+inline Isa GetIsa() { return GetCpuIsa(); }
 
 // Recomputes internal nodes `nodes` (all at one depth) as the sum of their
 // children, in parallel.
