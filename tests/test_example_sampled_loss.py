@@ -61,13 +61,8 @@ def test_bad_flags_are_refused(example, argv):
         example.parse_args(argv)
 
 
-@pytest.mark.parametrize("sampler", ["uniform", "log-uniform", "unigram",
-                                     "in-batch", "mixed"])
-def test_one_sampled_epoch_trains(example, toy_split, sampler):
-    argv = ["--loss", "sampled", "--sampler", sampler]
-    if sampler != "in-batch":
-        argv += ["--negatives", "8"]
-    args = example.parse_args(argv)
+def _fit_toy_sasrec(example, toy_split, args, epochs):
+    """Fits a tiny SASRec with the main job's task for `args`; its History."""
     tf_keras.utils.set_random_seed(0)
     model = SASRec(toy_split.num_items, max_len=10, dim=8, num_blocks=1,
                    num_heads=1, dropout=0.0,
@@ -76,7 +71,17 @@ def test_one_sampled_epoch_trains(example, toy_split, sampler):
     model.compile(optimizer=tf_keras.optimizers.Adam(1e-2))
     train = data.next_item_dataset(toy_split.train, batch_size=32,
                                    max_len=10)
-    history = model.fit(train, epochs=1, verbose=0)
+    return model.fit(train, epochs=epochs, verbose=0)
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "log-uniform", "unigram",
+                                     "in-batch", "mixed"])
+def test_one_sampled_epoch_trains(example, toy_split, sampler):
+    argv = ["--loss", "sampled", "--sampler", sampler]
+    if sampler != "in-batch":
+        argv += ["--negatives", "8"]
+    args = example.parse_args(argv)
+    history = _fit_toy_sasrec(example, toy_split, args, epochs=1)
     assert math.isfinite(history.history["loss"][-1])
     described = example.describe_loss(args)
     assert described["sampler"] == sampler
@@ -92,15 +97,7 @@ def test_one_sampled_epoch_trains(example, toy_split, sampler):
 def test_fused_losses_train_and_learn(example, toy_split, argv):
     """The fused losses through the main job's task: the loss goes down."""
     args = example.parse_args(argv)
-    tf_keras.utils.set_random_seed(0)
-    model = SASRec(toy_split.num_items, max_len=10, dim=8, num_blocks=1,
-                   num_heads=1, dropout=0.0,
-                   task=example.build_task(args, toy_split.train,
-                                           toy_split.num_items))
-    model.compile(optimizer=tf_keras.optimizers.Adam(1e-2))
-    train = data.next_item_dataset(toy_split.train, batch_size=32,
-                                   max_len=10)
-    history = model.fit(train, epochs=3, verbose=0)
+    history = _fit_toy_sasrec(example, toy_split, args, epochs=3)
     losses = history.history["loss"]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
