@@ -136,6 +136,24 @@ def _cuda_include_dir(nvcc):
                        ", ".join(candidates))
 
 
+def _cccl_flags(nvcc):
+    """-isystem for CCCL's `nv/target` when nvcc's toolkit lacks it.
+
+    cuda_fp16.h / cuda_bf16.h include <nv/target> (CCCL). Some CUDA 12
+    toolkit assemblies (e.g. Debian's nvidia-cuda-toolkit extracted without
+    nvidia-cuda-dev) omit it; TensorFlow ships the CCCL headers it was built
+    with, which then fill the gap (searched after the toolkit's own).
+    """
+    toolkit = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include")
+    if os.path.isfile(os.path.join(toolkit, "nv", "target")):
+        return []
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    cccl = os.path.join(tf.sysconfig.get_include(), "third_party", "gpus",
+                        "cuda", "libcudacxx", "include")
+    return ["-isystem", cccl] if os.path.isfile(
+        os.path.join(cccl, "nv", "target")) else []
+
+
 def _tf_exports_cudart(link_flags):
     """Whether libtensorflow_framework exports the CUDA runtime API."""
     lib_dirs = [f[2:] for f in link_flags if f.startswith("-L")]
@@ -237,7 +255,8 @@ def build_op_library(out_dir, jobs=None):
                 cmd = ([nvcc, "-c", "-x", "cu", src, "-o", obj,
                         "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
                         "-std=c++17"] + gencode +
-                       [f for f in common if f not in ("-fPIC", "--std=c++17")])
+                       [f for f in common if f not in ("-fPIC", "--std=c++17")]
+                       + _cccl_flags(nvcc))
                 jobs_list.append((cmd, obj))
         elif cu_files:
             _log(f"skipping {len(cu_files)} GPU source(s), building CPU "
