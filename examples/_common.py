@@ -28,6 +28,30 @@ class EpochTimer(tf_keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
+def add_sasrec_arguments(parser, verbose=1):
+    """The SASRec training flags every ML-100k example shares.
+
+    Model (--dim, --blocks, --heads, --dropout, --max-len), optimisation
+    (--epochs, --batch-size, --lr), early stopping (--eval-every,
+    --patience, read by `fit_with_early_stopping`), --seed and --verbose.
+    """
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--max-len", type=int, default=200)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=1)
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--patience", type=int, default=4,
+                        help="evaluations without improvement before "
+                             "stopping")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", type=int, default=verbose,
+                        help="Keras fit verbosity (1 = progress bar)")
+
+
 def fit_with_early_stopping(model, train, validation, args):
     """Adam(args.lr) + `model.fit` with validation NDCG@10 over the full
     catalog every `args.eval_every` epochs, early stopping after

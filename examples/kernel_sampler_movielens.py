@@ -63,18 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--leaf-size", type=int, default=None,
                    help="kernel sampler leaf size (default 2 D, in "
                         "[32, 256])")
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--max-len", type=int, default=200)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--blocks", type=int, default=2)
-    p.add_argument("--heads", type=int, default=1)
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--patience", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verbose", type=int, default=0)
+    _common.add_sasrec_arguments(p, verbose=0)
     args = p.parse_args(argv)
     if any(k <= 0 for k in args.negatives):
         p.error("--negatives must be positive integers")

@@ -71,21 +71,8 @@ IN_BATCH = ("in-batch", "mixed")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results/sasrec_ml100k")
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--max-len", type=int, default=200)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--blocks", type=int, default=2)
-    p.add_argument("--heads", type=int, default=1)
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--patience", type=int, default=4,
-                   help="evaluations without improvement before stopping")
+    _common.add_sasrec_arguments(p)
     p.add_argument("--k", type=int, default=10, help="items served")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verbose", type=int, default=1,
-                   help="Keras fit verbosity (1 = progress bar)")
     p.add_argument("--encoder", choices=("ragged", "padded"),
                    default="ragged",
                    help="padding-free ragged blocks with the fused attention "

@@ -194,6 +194,11 @@ class _ChunkedNegatives:
             self.num = tf.constant(num, tf.int32)
             self.rows = tf.range(tf.cast(num_rows, tf.int64)) + rng_key[2]
             self.log_k = _log_k(num)
+            # Uniform: as the kernels, float(log(double K) - log(double C)),
+            # computed once rather than per chunk.
+            self.uniform_log_kq = tf.cast(
+                tf.math.log(tf.cast(max(num, 1), tf.float64)) -
+                tf.math.log(tf.cast(num_items, tf.float64)), tf.float32)
             if kind == "unigram":
                 self.accept, self.alias, self.log_q_table = tensors
         self.num_chunks = (self.num + chunk - 1) // chunk
@@ -211,11 +216,7 @@ class _ChunkedNegatives:
         if self.kind == "uniform":
             ids = counter_rng.uniform_draws(seed, step, self.rows, self.chunk,
                                             self.num_items, first_draw=start)
-            # As the kernels: float(log(double K) - log(double C)).
-            log_kq = tf.fill(tf.shape(ids), tf.cast(
-                tf.math.log(tf.cast(tf.maximum(self.num, 1), tf.float64)) -
-                tf.math.log(tf.cast(self.num_items, tf.float64)),
-                tf.float32))
+            log_kq = tf.fill(tf.shape(ids), self.uniform_log_kq)
         else:
             ids = counter_rng.unigram_draws(seed, step, self.rows, self.chunk,
                                             self.accept, self.alias,
