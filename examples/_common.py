@@ -118,7 +118,7 @@ def item_counts(train, num_items):
 
 
 def make_sampler(name, train, num_items, unigram_alpha=0.75, seed=0,
-                 dim=None, kernel_alpha=100.0, leaf_size=None):
+                 dim=None, kernel_alpha=100.0, leaf_size=None, **cosam):
     """A sampler by its command-line name.
 
     Args:
@@ -136,6 +136,8 @@ def make_sampler(name, train, num_items, unigram_alpha=0.75, seed=0,
         kernel_alpha: alpha of the kernel sampler.
         leaf_size: leaf size of the kernel sampler's tree (None: its
             default, 2 D in [32, 256]).
+        **cosam: arguments of `CollaborativeSampler` for "cosam" (the walk
+            over `train`'s user-item graph; per-row negatives only).
     """
     if name == "uniform":
         return samplers.Uniform(num_items, seed=seed)
@@ -155,5 +157,8 @@ def make_sampler(name, train, num_items, unigram_alpha=0.75, seed=0,
                              "the hidden states and item embeddings")
         return samplers.KernelSampler(num_items, dim, alpha=kernel_alpha,
                                       leaf_size=leaf_size, seed=seed)
-    raise ValueError(f"sampler must be one of {SAMPLERS + ('kernel',)}, got "
-                     f"{name!r}")
+    if name == "cosam":
+        return samplers.CollaborativeSampler.from_sequences(
+            train, num_items, seed=seed, **cosam)
+    raise ValueError(f"sampler must be one of "
+                     f"{SAMPLERS + ('kernel', 'cosam')}, got {name!r}")

@@ -10,6 +10,10 @@ registered in stock TensorFlow, and runs the signature.
 A model is exportable when it has the serving protocol:
     serving_query(history_ids int64 [B, L], lengths int64 [B]) -> [B, D]
     serving_candidates() -> (item_table [C, D], item_bias [C] or None)
+
+With `scorer=` (a `tfrec_fast.layers.IntegratedScorer`, e.g. CoSam's
+integrated prediction) the signature also takes `user_ids` int64 [B] and
+adds the scorer's per-user log-probabilities to every score.
 """
 
 import json
@@ -27,7 +31,7 @@ SIGNATURE_KEY = "serving_default"
 class _ServingModule(tf.Module):
     """The exported object: the model's variables and one serving function."""
 
-    def __init__(self, model, k):
+    def __init__(self, model, k, scorer=None):
         super().__init__(name="tfrec_fast_serving")
         # Keep the model's methods, not the model: a tracked Keras model
         # would be serialised too. The SavedModel holds only the variables
@@ -36,13 +40,29 @@ class _ServingModule(tf.Module):
         self._serving_candidates = model.serving_candidates
         self.model_variables = list(model.variables)
         self.k = k
+        self._scorer = scorer
+        history_specs = [
+            tf.TensorSpec([None, None], tf.int64, name="history_ids"),
+            tf.TensorSpec([None], tf.int64, name="history_lengths")]
+        if scorer is None:
+            self.serve = tf.function(self._serve,
+                                     input_signature=history_specs)
+        else:
+            self.scorer_variables = list(scorer.variables)
+            self.serve = tf.function(
+                self._serve_with_users, input_signature=history_specs + [
+                    tf.TensorSpec([None], tf.int64, name="user_ids")])
 
-    @tf.function(input_signature=[
-        tf.TensorSpec([None, None], tf.int64, name="history_ids"),
-        tf.TensorSpec([None], tf.int64, name="history_lengths")])
-    def serve(self, history_ids, history_lengths):
+    def _serve_with_users(self, history_ids, history_lengths, user_ids):
+        return self._serve(history_ids, history_lengths, user_ids)
+
+    def _serve(self, history_ids, history_lengths, user_ids=None):
         queries = self._serving_query(history_ids, history_lengths)
         table, bias = self._serving_candidates()
+        if user_ids is not None:
+            user_bias = self._scorer.item_bias(user_ids)
+            bias = user_bias if bias is None else \
+                user_bias + tf.cast(bias, tf.float32)
         valid = tf.sequence_mask(history_lengths,
                                  tf.shape(history_ids, out_type=tf.int64)[1])
         exclude_items = tf.boolean_mask(history_ids, valid)
@@ -55,7 +75,7 @@ class _ServingModule(tf.Module):
         return {"top_ids": ids, "top_scores": scores}
 
 
-def export_for_serving(model, path, k=10):
+def export_for_serving(model, path, k=10, scorer=None):
     """Writes a SavedModel that returns each history's top-k unseen items.
 
     Args:
@@ -63,17 +83,21 @@ def export_for_serving(model, path, k=10):
             e.g. `tfrec_fast.models.SASRec`.
         path: output directory.
         k: number of items returned per request.
+        scorer: optional `tfrec_fast.layers.IntegratedScorer`: its per-user
+            log-probabilities are added to the scores (integrated
+            prediction) and the signature takes `user_ids` too.
 
     Returns:
         `path`. The signature `serving_default` takes `history_ids` int64
-        [B, L] (right-padded) and `history_lengths` int64 [B] and returns
-        `top_ids` int64 [B, k] and `top_scores` float32 [B, k].
+        [B, L] (right-padded), `history_lengths` int64 [B] (and `user_ids`
+        int64 [B] with a scorer) and returns `top_ids` int64 [B, k] and
+        `top_scores` float32 [B, k].
     """
     for method in ("serving_query", "serving_candidates"):
         if not callable(getattr(model, method, None)):
             raise ValueError(f"model {type(model).__name__} has no {method}(); "
                              "see tfrec_fast.export for the serving protocol")
-    module = _ServingModule(model, k)
+    module = _ServingModule(model, k, scorer)
     tf.saved_model.save(module, path,
                         signatures={SIGNATURE_KEY: module.serve})
     return path
@@ -101,9 +125,12 @@ unregistered = sorted(op for op in ops if op_def_registry.get(op) is None)
 report = {"num_op_types": len(ops), "unregistered_ops": unregistered}
 if not unregistered:
     serve = tf.saved_model.load(path).signatures["serving_default"]
-    out = serve(history_ids=tf.constant(request["history_ids"], tf.int64),
-                history_lengths=tf.constant(request["history_lengths"],
-                                            tf.int64))
+    inputs = {"history_ids": tf.constant(request["history_ids"], tf.int64),
+              "history_lengths": tf.constant(request["history_lengths"],
+                                             tf.int64)}
+    if "user_ids" in serve.structured_input_signature[1]:
+        inputs["user_ids"] = tf.constant(request["user_ids"], tf.int64)
+    out = serve(**inputs)
     report["top_ids"] = out["top_ids"].numpy().tolist()
     report["top_scores"] = out["top_scores"].numpy().tolist()
 print("VERIFY_REPORT " + json.dumps(report))
@@ -111,7 +138,7 @@ print("VERIFY_REPORT " + json.dumps(report))
 
 
 def verify_servable(path, history_ids=None, history_lengths=None,
-                    timeout=300):
+                    timeout=300, user_ids=None):
     """Checks a SavedModel from `export_for_serving` in a fresh process.
 
     The child process blocks `import tfrec_fast`, lists every op in the
@@ -123,6 +150,8 @@ def verify_servable(path, history_ids=None, history_lengths=None,
         history_ids: int [B, L] request ids (default: two short histories).
         history_lengths: int [B] request lengths.
         timeout: seconds to wait for the child process.
+        user_ids: int [B] users of the requests, for signatures that take
+            them (`export_for_serving(..., scorer=...)`); default 0, 1, ...
 
     Returns:
         dict with `num_op_types`, `unregistered_ops` (empty), `top_ids`
@@ -138,6 +167,8 @@ def verify_servable(path, history_ids=None, history_lengths=None,
         history_ids, history_lengths = [[0, 1, 2], [3, 0, 0]], [3, 1]
     request = {"history_ids": [list(map(int, r)) for r in history_ids],
                "history_lengths": list(map(int, history_lengths))}
+    request["user_ids"] = (list(range(len(request["history_ids"])))
+                           if user_ids is None else list(map(int, user_ids)))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
         [sys.executable, "-c", _VERIFY_SCRIPT, os.fspath(path),

@@ -17,7 +17,8 @@ from tfrec_fast.data.split import EvalSet
 
 def next_item_dataset(train: SequenceData, batch_size: int, max_len: int,
                       shuffle: bool = True, seed: int = 0,
-                      drop_remainder: bool = False) -> tf.data.Dataset:
+                      drop_remainder: bool = False,
+                      with_users: bool = False) -> tf.data.Dataset:
     """Next-item training batches: every position predicts the next item.
 
     For each row s with len(s) >= 2 (shorter rows are skipped) the example is
@@ -33,11 +34,14 @@ def next_item_dataset(train: SequenceData, batch_size: int, max_len: int,
             over the dataset); the sequence of orders is fixed by `seed`.
         seed: Shuffle seed.
         drop_remainder: Drop a last batch smaller than `batch_size`.
+        with_users: Also yield each row's index in `train` (its user), for
+            samplers that condition on the user.
 
     Returns:
         tf.data.Dataset of dicts with, for B rows per batch:
             "item_ids": tf.RaggedTensor int64 [B, (L)], int64 row splits.
             "targets": tf.RaggedTensor int64 [B, (L)], same row splits.
+            "users": tf.Tensor int64 [B] (only with `with_users`).
 
     Raises:
         ValueError: Bad `batch_size` / `max_len`, or no row has length >= 2.
@@ -56,14 +60,19 @@ def next_item_dataset(train: SequenceData, batch_size: int, max_len: int,
     starts = tf.constant(starts, dtype=tf.int64)
     row_lengths = tf.constant(row_lengths, dtype=tf.int64)
 
+    row_users = tf.constant(rows, dtype=tf.int64)
+
     def make_batch(batch_rows):
         positions = _ragged_positions(starts, row_lengths, batch_rows)
-        return {
+        batch = {
             "item_ids": positions.with_flat_values(
                 tf.gather(items, positions.flat_values)),
             "targets": positions.with_flat_values(
                 tf.gather(items, positions.flat_values + 1)),
         }
+        if with_users:
+            batch["users"] = tf.gather(row_users, batch_rows)
+        return batch
 
     dataset = tf.data.Dataset.range(rows.size)
     if shuffle:

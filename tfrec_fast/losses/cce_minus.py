@@ -106,7 +106,7 @@ class CCEMinus(tf_keras.layers.Layer):
         return cls(**config_with_layers(config, ("sampler",),
                                         custom_objects))
 
-    def _negatives(self, hidden, item_table, targets):
+    def _negatives(self, hidden, item_table, targets, sampler_query):
         if self.in_kernel:
             # The draw counter makes every call's draws new and restores
             # with the checkpoint; the row offset separates replicas.
@@ -120,13 +120,18 @@ class CCEMinus(tf_keras.layers.Layer):
                 self.num_negatives, self.sampler.seed, step,
                 distribute.replica_row_offset(tf.shape(hidden)[0]), unigram)
         ids, log_q = self.sampler.sample(
-            hidden, self.num_negatives, shared=self.shared,
+            hidden if sampler_query is None else sampler_query,
+            self.num_negatives, shared=self.shared,
             positives=tf.cast(targets, tf.int64), item_table=item_table)
         return GivenNegatives(ids, log_q)
 
     def call(self, hidden, item_table, targets, sample_weight=None,
-             item_bias=None):
+             item_bias=None, sampler_query=None):
         """Computes the loss.
+
+        A sampler that learns from rewards (`CollaborativeSampler`) gets
+        none here: the fused op never forms the negatives' logits. Train it
+        through `SampledSoftmax` / `SampledRetrieval`, or keep it fixed.
 
         Args:
             hidden: float [N, D] or RaggedTensor [B, (L), D] hidden states.
@@ -134,6 +139,9 @@ class CCEMinus(tf_keras.layers.Layer):
             targets: int [N] (or ragged [B, (L)]) target ids in [0, C).
             sample_weight: optional float [N] (or ragged [B, (L)]).
             item_bias: optional float [C] added to every logit.
+            sampler_query: what the sampler conditions on, when not the
+                hidden states (e.g. int [N] user ids for a graph-walk
+                sampler).
 
         Returns:
             Scalar loss, or float32 [N] with Reduction.NONE.
@@ -141,7 +149,8 @@ class CCEMinus(tf_keras.layers.Layer):
         hidden, item_table, targets, sample_weight = flatten_loss_inputs(
             hidden, item_table, targets, sample_weight)
         # The sampler sees the unscaled hidden states (as in SampledSoftmax).
-        negatives = self._negatives(hidden, item_table, targets)
+        negatives = self._negatives(hidden, item_table, targets,
+                                    sampler_query)
         if self.temperature != 1.0:
             hidden = hidden / tf.cast(self.temperature, hidden.dtype)
         losses = cce_minus(hidden, item_table, targets, negatives,

@@ -26,6 +26,7 @@ from tfrec_fast import distribute
 from tfrec_fast._serialization import config_with_layers
 from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.samplers.base import check_num
+from tfrec_fast.samplers.base import check_positive_correction
 
 Reduction = tf_keras.losses.Reduction
 
@@ -231,6 +232,7 @@ class SampledSoftmax(tf_keras.layers.Layer):
                               else check_num(num_negatives, "num_negatives"))
         self.shared = bool(shared)
         self.correct_positive = bool(correct_positive)
+        check_positive_correction(sampler, self.correct_positive)
         self.remove_accidental_hits = bool(remove_accidental_hits)
         self.temperature = check_temperature(temperature)
         if global_negatives and not shared:
@@ -325,6 +327,11 @@ class SampledSoftmax(tf_keras.layers.Layer):
         hits = None
         if self.remove_accidental_hits:
             hits = accidental_hits(ids, positives, listed_positives)
+        if getattr(self.sampler, "learns_from_rewards", False) and \
+                ids.shape.rank == 2:
+            # The sampler learns from the loss on its own negatives.
+            self.sampler.add_reward_loss(query, ids, negative_logits,
+                                         positive_logits, observed=hits)
         losses = corrected_softmax_cross_entropy(
             positive_logits, negative_logits, log_q, num_draws,
             positive_log_q=positive_log_q, hits=hits)

@@ -189,6 +189,16 @@ def _check_splits(splits: tf.Tensor, nnz: tf.Tensor) -> list:
     ]
 
 
+def _item_bias(item_bias) -> tf.Tensor:
+    """Converts ``item_bias``: float ``[C]`` or per-user ``[U, C]``."""
+    item_bias = tf.convert_to_tensor(item_bias)
+    if item_bias.shape.rank not in (1, 2) or not item_bias.dtype.is_floating:
+        raise ValueError(
+            f"`item_bias` must be a float [C] or per-user [U, C] tensor; got dtype "
+            f"{item_bias.dtype.name} and shape {item_bias.shape}.")
+    return item_bias
+
+
 def _num_items(item_embeddings: tf.Tensor) -> tf.Tensor:
     """Returns ``C`` as an int64 scalar (static when known)."""
     static = item_embeddings.shape[0]
@@ -221,8 +231,11 @@ def _validate_common(
     checks = []
 
     if item_bias is not None:
-        item_bias = _to_tensor(item_bias, "item_bias", 1, "float")
-        _check_static_dim(item_bias, 0, item_embeddings.shape[0], "item_bias", "length C")
+        item_bias = _item_bias(item_bias)
+        _check_static_dim(item_bias, item_bias.shape.rank - 1, item_embeddings.shape[0],
+                          "item_bias", "length C")
+        if item_bias.shape.rank == 2 and num_users is not None:
+            _check_static_dim(item_bias, 0, num_users, "item_bias", "U rows")
 
     if (exclude_splits is None) != (exclude_items is None):
         raise ValueError(
@@ -321,7 +334,7 @@ def _block_scores(
     Args:
         queries: float32 ``[U, D]``.
         item_embeddings: floating ``[C, D]``.
-        item_bias: floating ``[C]`` or None.
+        item_bias: floating ``[C]``, per-user ``[U, C]``, or None.
         start: int64 scalar.
         end: int64 scalar.
 
@@ -330,7 +343,9 @@ def _block_scores(
     """
     block = tf.cast(item_embeddings[start:end], tf.float32)
     scores = tf.matmul(queries, block, transpose_b=True)
-    if item_bias is not None:
+    if item_bias is not None and item_bias.shape.rank == 2:
+        scores += tf.cast(item_bias[:, start:end], tf.float32)
+    elif item_bias is not None:
         scores += tf.cast(item_bias[start:end], tf.float32)[tf.newaxis, :]
     return scores
 
@@ -447,7 +462,8 @@ def _rank_core(
     target_rows = tf.cast(tf.gather(item_embeddings, targets), tf.float32)
     target_scores = tf.reduce_sum(queries * target_rows, axis=1)
     if item_bias is not None:
-        target_scores += tf.cast(tf.gather(item_bias, targets), tf.float32)
+        target_scores += tf.cast(tf.gather(item_bias, targets, batch_dims=item_bias.shape.rank - 1),
+                                 tf.float32)
     target_scores = target_scores[:, tf.newaxis]
     user_rows = tf.range(tf.size(targets, out_type=tf.int64), dtype=tf.int64)
 
@@ -507,7 +523,9 @@ def top_k_excluding(
             exclusion lists. Must be given together with ``exclude_items``.
         exclude_items: Optional int32/int64 ``[nnz]`` excluded item ids in
             ``[0, C)``. Duplicates are allowed.
-        item_bias: Optional float ``[C]`` added to every user's scores.
+        item_bias: Optional float ``[C]`` added to every user's scores, or
+            ``[U, C]``, one row per user (e.g. a sampler's log-probabilities
+            for integrated prediction).
         block_size: Python int >= 1, number of items scored per block.
 
     Returns:
@@ -598,7 +616,7 @@ def rank_of_targets(
         targets: int32/int64 ``[U]`` target item ids in ``[0, C)``.
         exclude_splits: Optional int32/int64 ``[U + 1]`` CSR row splits.
         exclude_items: Optional int32/int64 ``[nnz]`` excluded ids in ``[0, C)``.
-        item_bias: Optional float ``[C]``.
+        item_bias: Optional float ``[C]`` or per-user ``[U, C]``.
         block_size: Python int >= 1, number of items scored per block.
 
     Returns:
@@ -745,7 +763,9 @@ def evaluate_full_ranking(
         item_embeddings: float ``[C, D]`` item embeddings (tensor or variable).
         dataset: ``tf.data.Dataset`` of dicts as described above.
         ks: A cutoff or a sequence of cutoffs, each an int >= 1.
-        item_bias: Optional float ``[C]``.
+        item_bias: Optional float ``[C]``, or a callable mapping each dataset
+            element (the dict) to a per-user float ``[B, C]`` bias, e.g. a
+            sampler's ``log p(item | user)`` for integrated prediction.
         block_size: Python int >= 1, number of items scored per block.
         exclude_key: Optional dataset key of the ragged exclusion lists.
 
@@ -767,7 +787,7 @@ def evaluate_full_ranking(
     if exclude_key is not None and not isinstance(exclude_key, str):
         raise ValueError(f"`exclude_key` must be a str or None, got {exclude_key!r}.")
     item_embeddings = _to_tensor(item_embeddings, "item_embeddings", 2, "float")
-    if item_bias is not None:
+    if item_bias is not None and not callable(item_bias):
         item_bias = _to_tensor(item_bias, "item_bias", 1, "float")
     exclusion_key = "item_ids" if exclude_key is None else exclude_key
     exclusion_arg = "dataset" if exclude_key is None else "exclude_key"
@@ -782,7 +802,8 @@ def evaluate_full_ranking(
         _ragged_exclusions(batch, "item_ids", "dataset")
         queries = query_fn(batch["item_ids"])
         inputs, targets = _validate_rank_inputs(
-            queries, item_embeddings, batch["targets"], splits, values, item_bias
+            queries, item_embeddings, batch["targets"], splits, values,
+            item_bias(batch) if callable(item_bias) else item_bias,
         )
         ranks = _rank_batch(
             inputs.queries, inputs.item_embeddings, targets,

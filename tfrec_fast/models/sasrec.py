@@ -18,6 +18,19 @@ from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.tasks.next_item import NextItemTask
 
 
+def position_users(inputs, item_ids):
+    """int64 [T] user of every position, or None without `inputs["users"]`.
+
+    Batches from `next_item_dataset(..., with_users=True)` carry each row's
+    user; samplers that condition on the user (`CollaborativeSampler`) take
+    one per position.
+    """
+    users = inputs.get("users") if hasattr(inputs, "get") else None
+    if users is None:
+        return None
+    return tf.repeat(tf.cast(users, tf.int64), item_ids.row_lengths())
+
+
 def last_window(history_ids, lengths, max_len):
     """The most recent `max_len` items of each padded row, right-padded.
 
@@ -63,7 +76,9 @@ class SASRec(tfrs.Model):
             False / None (pick). Serving always uses the pure-TF reference.
 
     Inputs to `compute_loss` / `fit` are dicts with `item_ids` and `targets`,
-    both int64 `tf.RaggedTensor` [B, (L)] with equal row lengths.
+    both int64 `tf.RaggedTensor` [B, (L)] with equal row lengths, and
+    optionally `users` int64 [B] (`next_item_dataset(with_users=True)`),
+    handed to the task as every position's `sampler_query`.
     """
 
     def __init__(self, num_items, max_len=200, dim=64, num_blocks=2,
@@ -141,7 +156,11 @@ class SASRec(tfrs.Model):
                                 arg_name="item_ids")
         hidden = self(item_ids, training=training).flat_values  # [T, D]
         targets = inputs["targets"].flat_values  # [T]
-        return self.task(hidden, self.item_table, targets)
+        users = position_users(inputs, item_ids)
+        if users is None:
+            return self.task(hidden, self.item_table, targets)
+        return self.task(hidden, self.item_table, targets,
+                         sampler_query=users)
 
     def query_embeddings(self, item_ids):
         """float [B, D]: the hidden state after each history's last item.

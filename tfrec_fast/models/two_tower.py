@@ -17,6 +17,7 @@ import tensorflow_recommenders as tfrs
 import tf_keras
 
 from tfrec_fast.models.sasrec import last_window
+from tfrec_fast.models.sasrec import position_users
 from tfrec_fast.ops.validate_ids import validate_ids
 
 
@@ -34,7 +35,9 @@ class HistoryTwoTower(tfrs.Model):
     Inputs to `compute_loss` / `fit`: dicts with `item_ids` and `targets`,
     int64 RaggedTensors [B, (L)] with equal row lengths (as from
     `tfrec_fast.data.next_item_dataset`): the prefix ending at item_ids[b, t]
-    is a query whose positive candidate is targets[b, t].
+    is a query whose positive candidate is targets[b, t]. An optional
+    `users` int64 [B] (`next_item_dataset(with_users=True)`) is handed to the
+    task as every query's `sampler_query`.
     """
 
     def __init__(self, num_items, task, dim=64, max_len=200):
@@ -91,9 +94,13 @@ class HistoryTwoTower(tfrs.Model):
         targets = validate_ids(inputs["targets"].flat_values, self.num_items,
                                arg_name="targets")
         queries = self.prefix_queries(item_ids)
+        extra = {}
+        users = position_users(inputs, item_ids)
+        if users is not None:  # for samplers that condition on the user
+            extra["sampler_query"] = users
         return self.task(queries, self.candidate_embedding(targets),
                          candidate_ids=targets,
-                         compute_metrics=not training)
+                         compute_metrics=not training, **extra)
 
     def query_embeddings(self, item_ids):
         """float [B, D]: the query after each whole history.

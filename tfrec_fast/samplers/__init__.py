@@ -5,6 +5,7 @@ and `log_prob(query, ids)`, with its state in variables.
 """
 
 from tfrec_fast.samplers.base import CandidateSampler
+from tfrec_fast.samplers.collaborative import CollaborativeSampler
 from tfrec_fast.samplers.hard_negatives import HardNegatives
 from tfrec_fast.samplers.in_batch import InBatch
 from tfrec_fast.samplers.kernel import KernelSampler

@@ -112,6 +112,20 @@ def check_rows(query, num_rows, owner):
                 "of rows T")]
 
 
+def check_positive_correction(sampler, correct_positive):
+    """ValueError when the positive's q would be 0 (its log q is -inf).
+
+    Samplers that never emit a row's positives (`excludes_positives`, e.g.
+    `CollaborativeSampler(exclude_observed=True)`) give them q = 0, so a
+    loss must not correct the positive by it.
+    """
+    if correct_positive and getattr(sampler, "excludes_positives", False):
+        raise ValueError(
+            f"correct_positive=True with {type(sampler).__name__}, which "
+            f"never emits a row's positives (q = 0, log q = -inf): leave "
+            f"the positive uncorrected")
+
+
 def check_sampler(sampler, arg_name):
     """Checks that a sub-sampler argument is a CandidateSampler."""
     if not isinstance(sampler, CandidateSampler):

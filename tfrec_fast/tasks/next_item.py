@@ -69,7 +69,8 @@ class NextItemTask(tf_keras.layers.Layer):
         return cls(**config_with_layers(config, ("loss_fn",),
                                         custom_objects))
 
-    def call(self, hidden, item_table, targets, sample_weight=None):
+    def call(self, hidden, item_table, targets, sample_weight=None,
+             sampler_query=None):
         """Computes the loss.
 
         Args:
@@ -77,6 +78,9 @@ class NextItemTask(tf_keras.layers.Layer):
             item_table: float [C, D] item embeddings (output side).
             targets: int [T] next item of every position.
             sample_weight: optional float [T] weights.
+            sampler_query: passed to a sampled loss whose sampler conditions
+                on something other than the hidden states (e.g. int [T]
+                user ids of the positions for `CollaborativeSampler`).
 
         Returns:
             Scalar float32 loss (see the class docstring for the reduction).
@@ -84,15 +88,19 @@ class NextItemTask(tf_keras.layers.Layer):
         targets = validate_ids(
             targets, tf.shape(item_table, out_type=tf.int64)[0],
             arg_name="targets")
+        # Only sampled losses take it; full-catalog losses ignore it.
+        extra = {} if sampler_query is None or getattr(
+            self.loss_fn, "sampler", None) is None else {
+                "sampler_query": sampler_query}
         reduction = getattr(self.loss_fn, "reduction", None)
         if reduction is not None:
             losses = self.loss_fn(hidden, item_table, targets,
-                                  sample_weight=sample_weight)
+                                  sample_weight=sample_weight, **extra)
             if reduction != Reduction.NONE:
                 return losses
             sample_weight_applied = True
         else:
-            losses = self.loss_fn(hidden, item_table, targets)
+            losses = self.loss_fn(hidden, item_table, targets, **extra)
             sample_weight_applied = False
         losses = tf.cast(losses, tf.float32)
         if sample_weight is None:

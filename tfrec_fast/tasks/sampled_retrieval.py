@@ -43,6 +43,7 @@ from tfrec_fast.losses.sampled_softmax import reduce_losses
 from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.samplers.base import CandidateSampler
 from tfrec_fast.samplers.base import check_num
+from tfrec_fast.samplers.base import check_positive_correction
 from tfrec_fast.samplers.in_batch import InBatch
 from tfrec_fast.samplers.mixed import Mixed
 from tfrec_fast.samplers.mixed import sampler_log_prob
@@ -184,6 +185,7 @@ class SampledRetrieval(tf_keras.layers.Layer, tfrs.tasks.base.Task):
         if correct_positive is None:
             correct_positive = self._in_batch is not None
         self.correct_positive = bool(correct_positive)
+        check_positive_correction(sampler, self.correct_positive)
         self.remove_accidental_hits = bool(remove_accidental_hits)
         self.temperature = check_temperature(temperature)
         if global_negatives and not shared:
@@ -297,6 +299,12 @@ class SampledRetrieval(tf_keras.layers.Layer, tfrs.tasks.base.Task):
 
         hits = self._removed(ids, cand_ids, tf.shape(query)[0],
                              tf.shape(scores)[1], offset)
+        if getattr(self.sampler, "learns_from_rewards", False) and \
+                self._in_batch is None and cand_ids.shape.rank == 2:
+            # The sampler learns from the loss on its own negatives.
+            self.sampler.add_reward_loss(
+                query if sampler_query is None else sampler_query, cand_ids,
+                scores, positive_scores, observed=hits)
         if log_q is None:
             log_q = tf.zeros(tf.shape(scores)[1:], tf.float32)
         losses = corrected_softmax_cross_entropy(
