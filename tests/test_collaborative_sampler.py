@@ -41,6 +41,7 @@ from tfrec_fast.models import ReinforcedSamplerModel
 from tfrec_fast.models import SASRec
 from tfrec_fast.models.sasrec import position_users
 from tfrec_fast.samplers import CollaborativeSampler
+from tfrec_fast.samplers import Uniform
 from tfrec_fast.samplers import Unigram
 from tfrec_fast.samplers.collaborative import graph_edges
 from tfrec_fast.tasks import NextItemTask
@@ -851,3 +852,16 @@ def test_draws_over_many_users_never_hit_zero_probability_items():
     observed = sampler.observed_items(np.arange(300)).to_list()
     for row, seen in zip(ids.numpy(), observed):
         assert not set(row.tolist()) & set(seen)
+
+
+def test_samplers_that_do_not_take_user_ids_ignore_the_batch_users(toy_split):
+    # Batches with users train any sampler: only CoSam reads them.
+    model = SASRec(toy_split.num_items, max_len=20, dim=16, num_blocks=1,
+                   task=NextItemTask(SampledSoftmax(
+                       Uniform(toy_split.num_items, seed=0), 4,
+                       shared=False)))
+    model.compile(optimizer=tf_keras.optimizers.Adam(1e-2))
+    train = data.next_item_dataset(toy_split.train, batch_size=4, max_len=20,
+                                   with_users=True)
+    history = model.fit(train, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])

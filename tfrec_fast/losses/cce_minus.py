@@ -14,6 +14,7 @@ from tfrec_fast.ops.cce_minus import cce_minus
 from tfrec_fast.ops.cce_minus import generated_negatives
 from tfrec_fast.samplers.base import check_num
 from tfrec_fast.samplers.base import check_sampler
+from tfrec_fast.samplers.base import sampler_query_for
 from tfrec_fast.samplers.uniform import Uniform
 from tfrec_fast.samplers.unigram import Unigram
 
@@ -120,7 +121,7 @@ class CCEMinus(tf_keras.layers.Layer):
                 self.num_negatives, self.sampler.seed, step,
                 distribute.replica_row_offset(tf.shape(hidden)[0]), unigram)
         ids, log_q = self.sampler.sample(
-            hidden if sampler_query is None else sampler_query,
+            sampler_query_for(self.sampler, hidden, sampler_query),
             self.num_negatives, shared=self.shared,
             positives=tf.cast(targets, tf.int64), item_table=item_table)
         return GivenNegatives(ids, log_q)
@@ -139,9 +140,8 @@ class CCEMinus(tf_keras.layers.Layer):
             targets: int [N] (or ragged [B, (L)]) target ids in [0, C).
             sample_weight: optional float [N] (or ragged [B, (L)]).
             item_bias: optional float [C] added to every logit.
-            sampler_query: what the sampler conditions on, when not the
-                hidden states (e.g. int [N] user ids for a graph-walk
-                sampler).
+            sampler_query: int [N] user ids, for samplers that condition on
+                the user (`takes_user_ids`); other samplers ignore it.
 
         Returns:
             Scalar loss, or float32 [N] with Reduction.NONE.

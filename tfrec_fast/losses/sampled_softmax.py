@@ -27,6 +27,7 @@ from tfrec_fast._serialization import config_with_layers
 from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.samplers.base import check_num
 from tfrec_fast.samplers.base import check_positive_correction
+from tfrec_fast.samplers.base import sampler_query_for
 
 Reduction = tf_keras.losses.Reduction
 
@@ -270,8 +271,9 @@ class SampledSoftmax(tf_keras.layers.Layer):
             listed_positives: optional int RaggedTensor [T, (P)] of further
                 ids that must never count as negatives of row t.
             item_bias: optional float [C] added to every logit.
-            sampler_query: what the sampler conditions on, when not the
-                hidden states (e.g. user ids for a graph-walk sampler).
+            sampler_query: int [T] user ids, for samplers that condition on
+                the user (`takes_user_ids`, e.g. `CollaborativeSampler`);
+                other samplers ignore it.
 
         Returns:
             Scalar loss, or float32 [T] with Reduction.NONE.
@@ -289,7 +291,7 @@ class SampledSoftmax(tf_keras.layers.Layer):
         if listed_positives is not None:
             listed_positives = validate_ids(listed_positives, num_items,
                                             arg_name="listed_positives")
-        query = hidden if sampler_query is None else sampler_query
+        query = sampler_query_for(self.sampler, hidden, sampler_query)
 
         ids, log_q = self.sampler.sample(
             query, self.num_negatives, shared=self.shared,

@@ -126,6 +126,18 @@ def check_positive_correction(sampler, correct_positive):
             f"the positive uncorrected")
 
 
+def sampler_query_for(sampler, query, sampler_query):
+    """What `sampler` conditions on: `sampler_query` for samplers whose
+    query is user ids (`takes_user_ids`, e.g. `CollaborativeSampler`),
+    else `query` (the hidden states / query embeddings). Models hand every
+    loss the batch's users when their data has them; samplers that do not
+    take user ids never see them."""
+    if sampler_query is not None and getattr(sampler, "takes_user_ids",
+                                             False):
+        return sampler_query
+    return query
+
+
 def check_sampler(sampler, arg_name):
     """Checks that a sub-sampler argument is a CandidateSampler."""
     if not isinstance(sampler, CandidateSampler):

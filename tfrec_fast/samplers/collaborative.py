@@ -171,6 +171,8 @@ class CollaborativeSampler(CandidateSampler):
     """
 
     query_dependent = True
+    # The query is int user ids (a loss layer's `sampler_query`).
+    takes_user_ids = True
     # Loss layers hand this sampler rewards for its negatives (add_reward_loss).
     learns_from_rewards = True
 

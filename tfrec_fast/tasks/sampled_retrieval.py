@@ -44,6 +44,7 @@ from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.samplers.base import CandidateSampler
 from tfrec_fast.samplers.base import check_num
 from tfrec_fast.samplers.base import check_positive_correction
+from tfrec_fast.samplers.base import sampler_query_for
 from tfrec_fast.samplers.in_batch import InBatch
 from tfrec_fast.samplers.mixed import Mixed
 from tfrec_fast.samplers.mixed import sampler_log_prob
@@ -270,8 +271,9 @@ class SampledRetrieval(tf_keras.layers.Layer, tfrs.tasks.base.Task):
             item_table: optional float [C, D], for samplers that score items
                 (e.g. hard-negative mining). Defaults to the embeddings of
                 `candidate_tower` when it is a Keras `Embedding`.
-            sampler_query: what the sampler conditions on, when not the
-                query embeddings.
+            sampler_query: int [B] user ids, for samplers that condition on
+                the user (`takes_user_ids`, e.g. `CollaborativeSampler`);
+                other samplers ignore it.
 
         Returns:
             Scalar float32 loss, or [B] with Reduction.NONE.
@@ -303,8 +305,8 @@ class SampledRetrieval(tf_keras.layers.Layer, tfrs.tasks.base.Task):
                 self._in_batch is None and cand_ids.shape.rank == 2:
             # The sampler learns from the loss on its own negatives.
             self.sampler.add_reward_loss(
-                query if sampler_query is None else sampler_query, cand_ids,
-                scores, positive_scores, observed=hits)
+                sampler_query_for(self.sampler, query, sampler_query),
+                cand_ids, scores, positive_scores, observed=hits)
         if log_q is None:
             log_q = tf.zeros(tf.shape(scores)[1:], tf.float32)
         losses = corrected_softmax_cross_entropy(
@@ -450,8 +452,8 @@ class SampledRetrieval(tf_keras.layers.Layer, tfrs.tasks.base.Task):
                 positive_log_q = log_q
             num_draws = 1  # TFRS: - log p, no count
         else:
-            query_for_sampler = query if sampler_query is None else \
-                sampler_query
+            query_for_sampler = sampler_query_for(sampler, query,
+                                                  sampler_query)
             tower = self.candidate_tower
             if item_table is None and isinstance(
                     tower, tf_keras.layers.Embedding):
