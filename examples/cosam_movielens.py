@@ -70,8 +70,11 @@ def parse_args(argv=None):
                    help="CoSam: Adam learning rate of the walk weights "
                         "(0 keeps the walk fixed)")
     p.add_argument("--popularity-alpha", type=float, default=0.75)
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="two-tower: logits are divided by it")
+    p.add_argument("--temperature", type=float, default=0.1,
+                   help="two-tower: logits are divided by it (integrated "
+                        "prediction then adds temperature * log p_s to the "
+                        "unscaled score, the same ranking as logit + "
+                        "log p_s)")
     p.add_argument("--k", type=int, default=10, help="items served")
     _common.add_sasrec_arguments(p, verbose=0)
     args = p.parse_args(argv)
@@ -140,7 +143,10 @@ def train_one(args, split, sampler_name):
     start = time.perf_counter()
     timer, evaluation = _common.fit_with_early_stopping(model, train,
                                                         validation, args)
-    scorer = IntegratedScorer(sampler)
+    # Integrated prediction is logit + log p_s; the evaluated scores are
+    # logits * temperature for the two-tower model.
+    scorer = IntegratedScorer(sampler, weight=args.temperature
+                              if args.model == "two-tower" else 1.0)
     plain = metrics.evaluate_full_ranking(model.query_embeddings,
                                           model.item_table, test)
     integrated = metrics.evaluate_full_ranking(
