@@ -865,3 +865,27 @@ def test_samplers_that_do_not_take_user_ids_ignore_the_batch_users(toy_split):
                                    with_users=True)
     history = model.fit(train, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+def test_ranking_accepts_shared_and_per_user_bias_in_turn():
+    # The traced ranking core relaxes shapes across calls: a per-user
+    # [U, C] bias after a shared [C] one (and back) must both work.
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(3, 4)).astype(np.float32)
+    items = rng.normal(size=(7, 4)).astype(np.float32)
+    targets = np.array([1, 4, 6])
+    shared = rng.normal(size=7).astype(np.float32)
+    per_user = rng.normal(size=(3, 7)).astype(np.float32)
+    for bias in (shared, per_user, shared):
+        ranks = rank_of_targets(queries, items, targets, item_bias=bias)
+        scores = queries @ items.T + bias
+        want = [(scores[u] >= scores[u, t]).sum() - 1
+                for u, t in enumerate(targets)]
+        np.testing.assert_array_equal(ranks.numpy(), want)
+    dataset = tf.data.Dataset.from_tensors({
+        "item_ids": tf.ragged.constant([[0], [2, 3], [5]], tf.int64),
+        "targets": tf.constant(targets, tf.int64)})
+    for bias in (shared, (lambda batch: per_user), shared):
+        result = evaluate_full_ranking(lambda ids: queries, items, dataset,
+                                       item_bias=bias)
+        assert result["num_users"] == 3

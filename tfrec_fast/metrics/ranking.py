@@ -236,6 +236,10 @@ def _validate_common(
                           "item_bias", "length C")
         if item_bias.shape.rank == 2 and num_users is not None:
             _check_static_dim(item_bias, 0, num_users, "item_bias", "U rows")
+        # One rank for the traced cores (their tf.functions relax shapes
+        # across calls): a shared bias is one row, broadcast over users.
+        if item_bias.shape.rank == 1:
+            item_bias = item_bias[tf.newaxis, :]
 
     if (exclude_splits is None) != (exclude_items is None):
         raise ValueError(
@@ -334,7 +338,7 @@ def _block_scores(
     Args:
         queries: float32 ``[U, D]``.
         item_embeddings: floating ``[C, D]``.
-        item_bias: floating ``[C]``, per-user ``[U, C]``, or None.
+        item_bias: floating ``[1, C]`` (shared), per-user ``[U, C]``, or None.
         start: int64 scalar.
         end: int64 scalar.
 
@@ -343,10 +347,8 @@ def _block_scores(
     """
     block = tf.cast(item_embeddings[start:end], tf.float32)
     scores = tf.matmul(queries, block, transpose_b=True)
-    if item_bias is not None and item_bias.shape.rank == 2:
+    if item_bias is not None:  # [1, C] or [U, C]
         scores += tf.cast(item_bias[:, start:end], tf.float32)
-    elif item_bias is not None:
-        scores += tf.cast(item_bias[start:end], tf.float32)[tf.newaxis, :]
     return scores
 
 
@@ -461,8 +463,10 @@ def _rank_core(
 
     target_rows = tf.cast(tf.gather(item_embeddings, targets), tf.float32)
     target_scores = tf.reduce_sum(queries * target_rows, axis=1)
-    if item_bias is not None:
-        target_scores += tf.cast(tf.gather(item_bias, targets, batch_dims=item_bias.shape.rank - 1),
+    if item_bias is not None:  # [1, C] or [U, C]
+        bias_rows = tf.minimum(tf.range(tf.size(targets, out_type=tf.int64)),
+                               tf.shape(item_bias, out_type=tf.int64)[0] - 1)
+        target_scores += tf.cast(tf.gather_nd(item_bias, tf.stack([bias_rows, targets], 1)),
                                  tf.float32)
     target_scores = target_scores[:, tf.newaxis]
     user_rows = tf.range(tf.size(targets, out_type=tf.int64), dtype=tf.int64)
