@@ -2,13 +2,14 @@
 # Builds the standalone GPU kernel library for the harness, without
 # TensorFlow: every custom_ops/kernels/*.cu.cc (the same CUDA sources the TF
 # op library links: ragged attention, id validation, the fused
-# cross-entropy tile engine and CCEMinus) plus the C ABI shims
-# custom_ops/harness/*.cc (ragged_attention_capi.cc, cross_entropy_capi.cc),
-# into
+# cross-entropy tile engine and CCEMinus, the kernel sampler's draws) plus
+# the C ABI shims custom_ops/harness/*.cc (ragged_attention_capi.cc,
+# cross_entropy_capi.cc, kernel_sampler_capi.cc), into
 #
 #     custom_ops/harness/build/libtfrec_fast_kernels.so
 #
-# which ragged_attention.py and cross_entropy.py load with ctypes.
+# which ragged_attention.py, cross_entropy.py and kernel_sampler.py load with
+# ctypes.
 # Usage:  custom_ops/harness/build.sh
 # Environment:
 #   NVCC         nvcc to use (default: nvcc on PATH, else /usr/local/cuda).

@@ -318,9 +318,13 @@ class KernelSampler(CandidateSampler):
 
     def _draw(self, seed, shape, query, positives, item_table):
         del positives, item_table  # the tree holds what the draw needs
-        return kernel_ops.kernel_sampler_draw(
-            query, self.tree, self.tree_counts, self.snapshot, seed,
-            shape[1], self.alpha, self.layout, self.use_fused)
+        # Next to the tree: placed on a GPU, the draw would copy the whole
+        # tree and snapshot to the device every call (the GPU kernel serves
+        # `kernel_sampler_draw` on arrays that already live there).
+        with tf.device(self.tree.device):
+            return kernel_ops.kernel_sampler_draw(
+                query, self.tree, self.tree_counts, self.snapshot, seed,
+                shape[1], self.alpha, self.layout, self.use_fused)
 
     def _log_prob(self, query, ids):
         query = self._check_query(query)
