@@ -386,7 +386,7 @@ def kernel_sampler_draw(query, tree, counts, snapshot, key, num, alpha,
         counts: int64 [2 num_leaves].
         snapshot: float32 [C, D] the rows the tree describes.
         key: int32 [2] random key; draws are a pure function of it.
-        num: K, int or int scalar tensor.
+        num: K >= 1, int or int scalar tensor.
         alpha: the kernel's alpha (> 0).
         layout: the TreeLayout.
         use_fused: True / False / None.
@@ -395,8 +395,13 @@ def kernel_sampler_draw(query, tree, counts, snapshot, key, num, alpha,
         (ids int64 [T, K], log_q float32 [T, K]).
 
     Raises:
+        ValueError: a static K < 1 (both paths; the op also refuses a
+            dynamic one).
         tf.errors.InvalidArgumentError: query has NaN or Inf entries.
     """
+    static_num = tf.get_static_value(num)
+    if static_num is not None and int(static_num) < 1:
+        raise ValueError(f"num (K) must be >= 1, got {int(static_num)}")
     query = tf.cast(query, tf.float32)
     module = _fused("tfrec_fast_kernel_sampler_draw",
                     "TfrecFastKernelSamplerDraw", use_fused)
