@@ -1,6 +1,11 @@
 """SASRec, ragged (default) and padded encoders: training lowers the loss,
 both encoders compute the same function, export round trip."""
 
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -170,3 +175,27 @@ def test_verify_servable_names_unregistered_ops(toy_split, tmp_path):
 def test_export_rejects_models_without_serving_protocol(tmp_path):
     with pytest.raises(ValueError, match="serving_query"):
         export.export_for_serving(tf_keras.Sequential(), str(tmp_path / "x"))
+
+
+def test_export_runs_in_tensorflows_saved_model_cli(toy_split, tmp_path):
+    # TensorFlow's own tool, as a TF Serving user would check a model.
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    if not os.path.exists(cli):
+        pytest.skip("saved_model_cli is not installed next to this Python")
+    model = _model(toy_split)
+    path = export.export_for_serving(model, str(tmp_path / "sm"), k=3)
+    proc = subprocess.run(
+        [cli, "run", "--dir", path, "--tag_set", "serve",
+         "--signature_def", "serving_default", "--input_exprs",
+         "history_ids=[[1, 4, 7], [2, 0, 0]];history_lengths=[3, 1]"],
+        capture_output=True, text=True, check=False, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    served = proc.stdout[proc.stdout.index("Result for output key top_ids"):]
+    served = served.split(":", 1)[1].split("Result for", 1)[0]
+    served_ids = [int(v) for v in re.findall(r"-?\d+", served)]
+    ragged = tf.ragged.constant([[1, 4, 7], [2]], tf.int64)
+    expected, _ = metrics.top_k_excluding(
+        model.query_embeddings(ragged), model.item_table, 3,
+        exclude_splits=ragged.row_splits, exclude_items=ragged.flat_values)
+    assert served_ids == expected.numpy().reshape(-1).tolist()

@@ -38,6 +38,11 @@ class _ServingModule(tf.Module):
         # (tracked here) and the serving graph.
         self._serving_query = model.serving_query
         self._serving_candidates = model.serving_candidates
+        # One request first: a model that was never called has not created
+        # its variables yet, and the SavedModel must track them all.
+        model.serving_query(tf.zeros([1, 1], tf.int64),
+                            tf.ones([1], tf.int64))
+        model.serving_candidates()
         self.model_variables = list(model.variables)
         self.k = k
         self._scorer = scorer
