@@ -27,6 +27,7 @@
 #include "custom_ops/kernels/cpu_isa.h"
 #include "custom_ops/kernels/kernel_sampler.h"
 #include "custom_ops/kernels/kernel_sampler_gpu.h"
+#include "custom_ops/tf/kernel_sampler_checks.h"
 #include "custom_ops/tf/gpu_op_util.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -39,6 +40,7 @@ namespace {
 namespace ks = ::tfrec_fast::kernels::kernel_sampler;
 namespace tk = ::tfrec_fast::kernels;
 using tfrec_fast_internal::AllocateGpuWorkspace;
+using tfrec_fast_internal::CheckDrawInputs;
 using tfrec_fast_internal::CudaStatus;
 using tfrec_fast_internal::GetGpuContext;
 using tfrec_fast_internal::GpuContext;
@@ -57,25 +59,6 @@ void MirrorCpuRounding(tk::KernelSamplerGpuDims* d) {
 #else
   d->fused = isa != tk::CpuIsa::kGeneric;
 #endif
-}
-
-// kernel_sampler_op.cc's CheckTreeShape (same message).
-Status CheckTreeShape(const TensorShape& tree, int64_t num_items, int64_t dim,
-                      int64_t leaf_size, ks::TreeLayout* layout) {
-  if (num_items < 1 || dim < 1) {
-    return errors::InvalidArgument(
-        "the item table must have at least one row and one column, got [",
-        num_items, ", ", dim, "]");
-  }
-  *layout = ks::MakeLayout(num_items, dim, leaf_size);
-  if (tree.dims() != 2 || tree.dim_size(0) != layout->num_rows ||
-      tree.dim_size(1) != layout->stride) {
-    return errors::InvalidArgument(
-        "tree must have shape [", layout->num_rows, ", ", layout->stride,
-        "] for C = ", num_items, " items of dimension D = ", dim,
-        " in leaves of ", leaf_size, ", got ", tree.DebugString());
-  }
-  return OkStatus();
 }
 
 // OkStatus if query [rows, dim] (device) is finite, else the CPU kernel's
@@ -128,35 +111,12 @@ class KernelSamplerDrawGpuOp : public OpKernel {
     const Tensor& snapshot = ctx->input(3);
     const Tensor& key = ctx->input(4);    // HostMemory
     const Tensor& num_t = ctx->input(5);  // HostMemory
-    OP_REQUIRES(ctx, TensorShapeUtils::IsMatrix(query.shape()),
-                errors::InvalidArgument("query must be [T, D], got ",
-                                        query.shape().DebugString()));
-    OP_REQUIRES(ctx, TensorShapeUtils::IsMatrix(snapshot.shape()),
-                errors::InvalidArgument("snapshot must be [C, D], got ",
-                                        snapshot.shape().DebugString()));
-    OP_REQUIRES(ctx, key.NumElements() == 2,
-                errors::InvalidArgument("key must have 2 elements, got ",
-                                        key.shape().DebugString()));
-    OP_REQUIRES(ctx, TensorShapeUtils::IsScalar(num_t.shape()),
-                errors::InvalidArgument("num must be a scalar"));
-    const int64_t num = num_t.scalar<int32>()();
-    OP_REQUIRES(ctx, num > 0,
-                errors::InvalidArgument("num must be > 0, got ", num));
+    int64_t num = 0;
+    ks::TreeLayout layout;
+    OP_REQUIRES_OK(ctx, CheckDrawInputs(query, tree, counts, snapshot, key,
+                                        num_t, leaf_size_, &num, &layout));
     const int64_t num_items = snapshot.dim_size(0);
     const int64_t dim = snapshot.dim_size(1);
-    OP_REQUIRES(ctx, query.dim_size(1) == dim,
-                errors::InvalidArgument(
-                    "query [T, D] and the item table [C, D] must have the "
-                    "same D, got query ", query.shape().DebugString(),
-                    " and item rows of dimension ", dim));
-    ks::TreeLayout layout;
-    OP_REQUIRES_OK(ctx, CheckTreeShape(tree.shape(), num_items, dim,
-                                       leaf_size_, &layout));
-    OP_REQUIRES(ctx,
-                counts.dims() == 1 && counts.dim_size(0) == layout.num_rows,
-                errors::InvalidArgument("counts must have shape [",
-                                        layout.num_rows, "], got ",
-                                        counts.shape().DebugString()));
     GpuContext gpu;
     OP_REQUIRES_OK(ctx, GetGpuContext(ctx, kOp, &gpu));
     OP_REQUIRES_OK(ctx, CheckFiniteQuery(ctx, gpu, query, dim));
