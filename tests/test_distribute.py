@@ -4,7 +4,8 @@ Each replica gets a known slice of one global batch (uneven slices on
 purpose); its loss and gradients are computed inside the replica with a
 GradientTape; the sum of the replicas' losses and of their gradients must
 equal the single-device loss and gradients on the whole batch. The logical
-devices are made in conftest.py.
+devices are made in conftest.py; the strategies and slicing helpers live in
+distribute_testing.py.
 """
 
 import numpy as np
@@ -15,94 +16,22 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 import tf_keras
 
-from tfrec_fast import samplers
 from tfrec_fast.losses import SampledSoftmax
 from tfrec_fast.tasks import NextItemTask
 from tfrec_fast.tasks import SampledRetrieval
 
+from distribute_testing import SLICES
+from distribute_testing import TOL
+from distribute_testing import FixedCandidates
+from distribute_testing import concat as _concat
+from distribute_testing import replica_sum as _replica_sum
+from distribute_testing import split as _split
+from distribute_testing import strategy  # noqa: F401  (fixture)
+from distribute_testing import variables as _variables
+
 Reduction = tf_keras.losses.Reduction
 C, D = 24, 5
-SLICES = {2: [6, 4], 4: [3, 3, 2, 2]}  # rows per replica; 10 in all
 REDUCTIONS = [Reduction.SUM, Reduction.SUM_OVER_BATCH_SIZE]
-TOL = dict(rtol=1e-5, atol=1e-5)
-
-_STRATEGIES = {}
-
-
-@pytest.fixture(params=[2, 4], ids=["2_replicas", "4_replicas"])
-def strategy(request):
-    n = request.param
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    if len(devices) < n:
-        pytest.skip(f"needs {n} logical CPU devices (see conftest.py)")
-    if n not in _STRATEGIES:
-        # Strategies of one process share the runtime's collective group
-        # keys; two of different sizes must not use the same ones. TF's own
-        # tests (strategy_combinations.py) move the key base the same way;
-        # the second move leaves a fresh base to strategies made later.
-        # pylint: disable=protected-access
-        mirrored = tf.distribute.MirroredStrategy
-        mirrored._collective_key_base += 100000
-        _STRATEGIES[n] = mirrored(devices[:n])
-        mirrored._collective_key_base += 100000
-    return _STRATEGIES[n]
-
-
-class FixedCandidates(samplers.CandidateSampler):
-    """The same candidates every call; with `per_replica`, set r in replica r.
-
-    Args:
-        num_items: catalog size.
-        ids: int [K], or [N, K] with `per_replica=True`.
-        log_q: float, same shape as `ids`.
-        per_replica: pick row r of ids / log_q in replica r.
-    """
-
-    def __init__(self, num_items, ids, log_q, per_replica=False, **kwargs):
-        super().__init__(num_items, seed=0, **kwargs)
-        self.ids = np.asarray(ids, np.int64)
-        self.log_q = np.asarray(log_q, np.float32)
-        self.per_replica = per_replica
-
-    def _draw(self, seed, shape, query, positives, item_table):
-        ids, log_q = tf.constant(self.ids), tf.constant(self.log_q)
-        if self.per_replica:
-            context = tf.distribute.get_replica_context()
-            replica = context.replica_id_in_sync_group
-            ids, log_q = ids[replica], log_q[replica]
-        return ids, log_q
-
-    def _log_prob(self, query, ids):
-        return tf.fill(tf.shape(ids), -np.log(self.num_items).astype(
-            np.float32))
-
-
-def _split(strategy, *arrays):
-    """Per-replica values: replica r gets rows SLICES[n][r] of each array."""
-    sizes = SLICES[strategy.num_replicas_in_sync]
-    bounds = np.cumsum([0] + sizes)
-
-    def piece(context):
-        r = context.replica_id_in_sync_group
-        return tuple(tf.constant(a[bounds[r]:bounds[r + 1]]) for a in arrays)
-
-    return strategy.experimental_distribute_values_from_function(piece)
-
-
-def _replica_sum(strategy, values):
-    return tf.nest.map_structure(
-        lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
-        .numpy(), values)
-
-
-def _concat(strategy, value):
-    return np.concatenate([t.numpy() for t in
-                           strategy.experimental_local_results(value)])
-
-
-def _variables(strategy, *values):
-    with strategy.scope():
-        return [tf.Variable(v) for v in values]
 
 
 # ------------------------------------------ (a) in-batch, global negatives

@@ -22,6 +22,10 @@ REGISTER_OP("TfrecFastValidateIds")
     .Output("valid_ids: T")
     .Attr("T: {int32, int64}")
     .Attr("arg_name: string = 'ids'")
+    // Stateful, as Assert is: the check is the point of the op. A stateless
+    // op whose output is read only for its (static) shape, e.g. Uniform's
+    // log q, is pruned from a tf.function graph and its check never runs.
+    .SetIsStateful()
     .SetShapeFn([](shape_inference::InferenceContext* c) {
       shape_inference::ShapeHandle unused;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 0, &unused));

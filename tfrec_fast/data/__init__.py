@@ -19,6 +19,7 @@ from tfrec_fast.data.loaders import load_sasrec_txt
 from tfrec_fast.data.loaders import movielens_100k_path
 from tfrec_fast.data.pipelines import eval_dataset
 from tfrec_fast.data.pipelines import next_item_dataset
+from tfrec_fast.data.resumable import resumable_epochs
 from tfrec_fast.data.sequences import SequenceData
 from tfrec_fast.data.sequences import to_sequences
 from tfrec_fast.data.sequences import truncate
@@ -40,6 +41,7 @@ __all__ = [
     "load_sasrec_txt",
     "movielens_100k_path",
     "next_item_dataset",
+    "resumable_epochs",
     "synthetic_zipf",
     "to_sequences",
     "truncate",

@@ -32,7 +32,9 @@ def next_item_dataset(train: SequenceData, batch_size: int, max_len: int,
         max_len: Maximum positions per row, >= 1.
         shuffle: Shuffle the rows, with a new order every epoch (iteration
             over the dataset); the sequence of orders is fixed by `seed`.
-        seed: Shuffle seed.
+        seed: Shuffle seed: an int, or an int64 scalar tensor (e.g. derived
+            from the epoch inside `resumable_epochs`), which gives one
+            order, a pure function of the seed, on every iteration.
         drop_remainder: Drop a last batch smaller than `batch_size`.
         with_users: Also yield each row's index in `train` (its user), for
             samplers that condition on the user.
@@ -75,7 +77,15 @@ def next_item_dataset(train: SequenceData, batch_size: int, max_len: int,
         return batch
 
     dataset = tf.data.Dataset.range(rows.size)
-    if shuffle:
+    if shuffle and tf.is_tensor(seed):
+        # tf.data's shuffle cannot take a symbolic seed (it compares it in
+        # Python), and the order must be a pure function of the seed.
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(rows.size, dtype=tf.int64),
+            seed=tf.stack([tf.cast(seed, tf.int64),
+                           tf.constant(0x5EED, tf.int64)]))
+        dataset = tf.data.Dataset.from_tensor_slices(order)
+    elif shuffle:
         dataset = dataset.shuffle(rows.size, seed=seed,
                                   reshuffle_each_iteration=True)
     return _batch_and_map(dataset, batch_size, drop_remainder, make_batch)

@@ -4,6 +4,7 @@ Padding-free (ragged) layers take `tf.RaggedTensor` [B, (L), D] and run on
 the packed tokens; the padded ones are the stock-tf_keras reference.
 """
 
+from tfrec_fast.layers.dropout import ResumableDropout
 from tfrec_fast.layers.integrated_scorer import IntegratedScorer
 from tfrec_fast.layers.padded_transformer import PaddedSequenceEncoder
 from tfrec_fast.layers.padded_transformer import PaddedTransformerBlock

@@ -82,7 +82,18 @@ class IntegratedScorer(tf_keras.layers.Layer):
 
         Returns:
             float32 [B, C].
+
+        Raises:
+            ValueError: scores are not [B, C] with C = sampler.num_items.
         """
+        scores = tf.convert_to_tensor(scores)
+        if scores.shape.rank not in (None, 2) or not scores.shape[
+                -1:].is_compatible_with([self.sampler.num_items]):
+            # (Else: an "Incompatible shapes" add, or a silent broadcast.)
+            raise ValueError(
+                f"IntegratedScorer: scores must be [B, C] with C = "
+                f"sampler.num_items = {self.sampler.num_items}, got shape "
+                f"{scores.shape}")
         return tf.cast(scores, tf.float32) + self.weight * \
             self.log_probabilities(query)
 

@@ -9,6 +9,28 @@ import tensorflow as tf
 import tf_keras
 
 
+def check_padded(x, where, arg, dim):
+    """`x` as a float tensor [B, L, dim]; ValueError naming `arg` if not.
+
+    (Unchecked, a wrong input fails deep inside LayerNormalization or
+    MultiHeadAttention with a message naming neither, and a RaggedTensor
+    would be padded silently.)
+    """
+    if isinstance(x, tf.RaggedTensor):
+        raise ValueError(f"{where}: `{arg}` must be a dense right-padded "
+                         f"tensor [B, L, {dim}], got a tf.RaggedTensor; use "
+                         "the ragged layers (RaggedTransformerBlock, "
+                         "SequenceEncoder) or x.to_tensor()")
+    x = tf.convert_to_tensor(x)
+    if x.shape.rank != 3 or x.shape[-1] != dim:
+        raise ValueError(f"{where}: `{arg}` must be [B, L, {dim}], got shape "
+                         f"{x.shape}")
+    if not x.dtype.is_floating:
+        raise ValueError(f"{where}: `{arg}` must be floating point, got "
+                         f"{x.dtype.name}")
+    return x
+
+
 class PaddedTransformerBlock(tf_keras.layers.Layer):
     """Pre-LayerNorm block: x + MHA(LN(x)), then x + FFN(LN(x)).
 
@@ -38,6 +60,8 @@ class PaddedTransformerBlock(tf_keras.layers.Layer):
 
     def call(self, x, attention_mask, training=None):
         """Args: x float [B, L, D]; attention_mask bool [B, L, L]."""
+        x = check_padded(x, f"PaddedTransformerBlock '{self.name}'", "x",
+                         self.dim)
         h = self.attention_norm(x)
         h = self.attention(h, h, h, attention_mask=attention_mask,
                            training=training)
@@ -91,8 +115,36 @@ class PaddedSequenceEncoder(tf_keras.layers.Layer):
 
         Returns:
             float [B, L, D] hidden states; rows past `lengths` are zero.
+
+        Raises:
+            ValueError: wrong ranks, dtypes or inner dimension.
+            tf.errors.InvalidArgumentError: a length outside [0, L], or
+                L > max_len.
         """
+        where = f"PaddedSequenceEncoder '{self.name}'"
+        embeddings = check_padded(embeddings, where, "embeddings", self.dim)
+        lengths = tf.convert_to_tensor(lengths)
+        if lengths.shape.rank != 1 or not lengths.dtype.is_integer:
+            raise ValueError(f"{where}: lengths must be int [B], got "
+                             f"{lengths.dtype.name} {lengths.shape}")
         length = tf.shape(embeddings)[1]
+        checks = [
+            tf.debugging.assert_non_negative(
+                lengths, message=f"{where}: negative lengths"),
+            tf.debugging.assert_less_equal(
+                tf.cast(lengths, tf.int32), length,
+                message=f"{where}: lengths exceed the padded width L of "
+                        "embeddings"),
+            tf.debugging.assert_less_equal(
+                length, self.max_len,
+                message=f"{where}: embeddings have more positions L than "
+                        f"max_len = {self.max_len}; cut histories to their "
+                        "last max_len items first (L, max_len)")]
+        # Both through the checks: in a graph the position lookup of a too
+        # long L would otherwise race them (and say "indices[200] = 200").
+        with tf.control_dependencies([c for c in checks if c is not None]):
+            lengths = tf.identity(lengths)
+            length = tf.identity(length)
         valid = tf.sequence_mask(lengths, length)  # [B, L]
         x = embeddings * tf.sqrt(tf.cast(self.dim, embeddings.dtype))
         x += self.positions(tf.range(length))[tf.newaxis]
@@ -100,7 +152,9 @@ class PaddedSequenceEncoder(tf_keras.layers.Layer):
         causal = tf.linalg.band_part(tf.ones([length, length], tf.bool), -1, 0)
         attention_mask = causal[tf.newaxis] & valid[:, tf.newaxis, :]
         keep = tf.cast(valid, x.dtype)[..., tf.newaxis]
-        x *= keep
+        # tf.where, not x * keep: a NaN / Inf in the padding would survive a
+        # multiplication by 0 and reach the row's real positions.
+        x = tf.where(valid[..., tf.newaxis], x, tf.zeros_like(x))
         for block in self.blocks:
             x = block(x, attention_mask, training=training) * keep
         return self.final_norm(x) * keep

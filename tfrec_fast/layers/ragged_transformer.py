@@ -9,7 +9,10 @@ through `RaggedMultiHeadAttention`.
 import tf_keras
 
 from tfrec_fast.layers import _ragged_checks
+from tfrec_fast.layers.dropout import ResumableDropout
+from tfrec_fast.layers.gelu import fast_activation
 from tfrec_fast.layers.ragged_attention import RaggedMultiHeadAttention
+from tfrec_fast.layers.token_layer_norm import TokenLayerNormalization
 
 
 def check_heads(where, num_heads, dim):
@@ -88,19 +91,21 @@ class RaggedTransformerBlock(tf_keras.layers.Layer):
         self.activation = tf_keras.activations.get(activation)
         self.epsilon = epsilon
         self.use_fused = use_fused
-        self.attention_norm = tf_keras.layers.LayerNormalization(
+        self.attention_norm = TokenLayerNormalization(
             epsilon=epsilon, name="attention_norm")
         self.attention = RaggedMultiHeadAttention(
             num_heads, dim // num_heads, causal=causal, output_dim=dim,
             dropout=dropout if attention_dropout is None else attention_dropout,
             use_fused=use_fused, name="attention")
-        self.ffn_norm = tf_keras.layers.LayerNormalization(epsilon=epsilon,
-                                                           name="ffn_norm")
+        self.ffn_norm = TokenLayerNormalization(epsilon=epsilon,
+                                                name="ffn_norm")
         self.ffn_in = tf_keras.layers.Dense(self.ffn_dim,
-                                            activation=self.activation,
+                                            activation=fast_activation(
+                                                self.activation),
                                             name="ffn_in")
         self.ffn_out = tf_keras.layers.Dense(dim, name="ffn_out")
-        self.residual_dropout = tf_keras.layers.Dropout(dropout)
+        # Checkpoints restore its masks (resumed training reproduces).
+        self.residual_dropout = ResumableDropout(dropout)
 
     @property
     def _where(self):

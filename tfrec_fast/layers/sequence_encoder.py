@@ -6,10 +6,12 @@ import tensorflow as tf
 import tf_keras
 
 from tfrec_fast.layers import _ragged_checks
+from tfrec_fast.layers.dropout import ResumableDropout
 from tfrec_fast.layers.positional import RaggedPositionalEmbedding
 from tfrec_fast.layers.ragged_transformer import check_heads
 from tfrec_fast.layers.ragged_transformer import check_rate
 from tfrec_fast.layers.ragged_transformer import RaggedTransformerBlock
+from tfrec_fast.layers.token_layer_norm import TokenLayerNormalization
 
 
 @tf_keras.saving.register_keras_serializable(package="tfrec_fast")
@@ -43,6 +45,8 @@ class SequenceEncoder(tf_keras.layers.Layer):
         num_heads: attention heads per block; must divide `dim`.
         dropout: rate of the input dropout and the blocks' residual (and,
             unless `attention_dropout` is given, attention-output) dropout.
+            All of it is `ResumableDropout`: a checkpoint restores the
+            masks that follow it, so resumed training reproduces.
         causal: causal self-attention (SASRec) or bidirectional (BERT4Rec).
         ffn_dim: hidden width of the blocks' FFN (default D).
         attention_dropout: attention-output dropout rate (default `dropout`).
@@ -94,7 +98,8 @@ class SequenceEncoder(tf_keras.layers.Layer):
         self.use_fused = use_fused
         self.positions = RaggedPositionalEmbedding(
             max_len, dim, from_end=from_end, name="positions")
-        self.input_dropout = tf_keras.layers.Dropout(dropout)
+        # Checkpoints restore its masks (resumed training reproduces).
+        self.input_dropout = ResumableDropout(dropout)
         self.blocks = [
             RaggedTransformerBlock(
                 num_heads, dim, ffn_dim=self.ffn_dim, dropout=dropout,
@@ -102,7 +107,7 @@ class SequenceEncoder(tf_keras.layers.Layer):
                 norm_first=norm_first, activation=self.activation,
                 epsilon=epsilon, use_fused=use_fused, name=f"block_{i}")
             for i in range(num_blocks)]
-        norm = tf_keras.layers.LayerNormalization(
+        norm = TokenLayerNormalization(
             epsilon=epsilon, name="final_norm" if norm_first else "input_norm")
         self.final_norm = norm if norm_first else None
         self.input_norm = None if norm_first else norm

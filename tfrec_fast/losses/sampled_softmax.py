@@ -44,13 +44,36 @@ def accidental_hits(negative_ids, positives, listed_positives=None):
 
     Returns:
         bool [T, K]: True where the candidate must get probability zero.
+
+    Raises:
+        ValueError: non-integer ids, or ranks / rows that do not fit (ids
+            are compared, never looked up, so their range is not checked).
     """
+    negative_ids = tf.convert_to_tensor(negative_ids)
+    positives = tf.convert_to_tensor(positives)
+    for name, ids in (("negative_ids", negative_ids),
+                      ("positives", positives)):
+        if not ids.dtype.is_integer:
+            raise ValueError(f"{name} must be integer ids, got "
+                             f"{ids.dtype.name}")
+    if negative_ids.shape.rank not in (None, 1, 2):
+        raise ValueError(f"negative_ids must be [K] (shared) or [T, K] (per "
+                         f"row), got shape {negative_ids.shape}")
+    if positives.shape.rank not in (None, 1):
+        raise ValueError(f"positives must be [T], got shape "
+                         f"{positives.shape}")
+    if negative_ids.shape.rank == 2 and \
+            not negative_ids.shape[:1].is_compatible_with(positives.shape):
+        raise ValueError(f"per-row negative_ids {negative_ids.shape} must "
+                         f"have the T rows of positives {positives.shape}")
     negative_ids = tf.cast(negative_ids, tf.int64)
     positives = tf.cast(positives, tf.int64)
+    # tf.equal, not ==: a Tensor's == answers a plain False for shapes that
+    # do not broadcast instead of raising.
     if negative_ids.shape.rank == 1:
-        hits = positives[:, tf.newaxis] == negative_ids[tf.newaxis, :]
+        hits = tf.equal(positives[:, tf.newaxis], negative_ids[tf.newaxis, :])
     else:
-        hits = positives[:, tf.newaxis] == negative_ids
+        hits = tf.equal(positives[:, tf.newaxis], negative_ids)
     if listed_positives is None:
         return hits
     listed = tf.cast(listed_positives.flat_values, tf.int64)  # [N]
@@ -84,7 +107,32 @@ def corrected_softmax_cross_entropy(positive_logits, negative_logits,
 
     Returns:
         float32 [T]: logsumexp(corrected logits) - corrected positive logit.
+
+    Raises:
+        ValueError: ranks or rows that do not fit, non-bool hits, or a
+            static num_draws < 1 with negatives (log(K q) would be -inf).
     """
+    positive_logits = tf.convert_to_tensor(positive_logits)
+    negative_logits = tf.convert_to_tensor(negative_logits)
+    if positive_logits.shape.rank not in (None, 1):
+        raise ValueError(f"positive_logits must be [T], got shape "
+                         f"{positive_logits.shape}")
+    if negative_logits.shape.rank not in (None, 2):
+        raise ValueError(f"negative_logits must be [T, K], got shape "
+                         f"{negative_logits.shape}")
+    if not negative_logits.shape[:1].is_compatible_with(
+            positive_logits.shape[:1]):
+        raise ValueError(f"negative_logits {negative_logits.shape} and "
+                         f"positive_logits {positive_logits.shape} must "
+                         "have the same T")
+    if hits is not None and tf.convert_to_tensor(hits).dtype != tf.bool:
+        raise ValueError(f"hits must be bool [T, K], got "
+                         f"{tf.convert_to_tensor(hits).dtype.name}")
+    static_draws = tf.get_static_value(num_draws)
+    if (static_draws is not None and static_draws < 1
+            and negative_logits.shape[-1] != 0):
+        raise ValueError(f"num_draws must be >= 1 when there are negatives, "
+                         f"got {static_draws}")
     log_k = tf.math.log(tf.cast(num_draws, tf.float32))
     negative_logits = tf.cast(negative_logits, tf.float32) - (
         log_k + tf.cast(negative_log_q, tf.float32))
@@ -148,27 +196,31 @@ def flatten_loss_inputs(hidden, item_table, targets, sample_weight):
     [N] and [N] (or None), from dense or ragged [B, (L), ...] ones."""
     if isinstance(sample_weight, tf.RaggedTensor):
         sample_weight = sample_weight.flat_values
-    hidden, targets = flatten_rows(hidden, targets)
+    hidden, targets = flatten_rows(hidden, targets, "targets")
     item_table = tf.convert_to_tensor(item_table)
     if item_table.dtype != hidden.dtype:
         item_table = tf.cast(item_table, hidden.dtype)
     return hidden, item_table, targets, sample_weight
 
 
-def flatten_rows(hidden, positives):
-    """Flattens ragged [B, (L), D] / [B, (L)] inputs to [T, D] / [T]."""
+def flatten_rows(hidden, positives, ids_name="positives"):
+    """Flattens ragged [B, (L), D] / [B, (L)] inputs to [T, D] / [T].
+
+    `ids_name` is the name of `positives` in the caller's signature (for
+    the error messages, e.g. "targets").
+    """
     if isinstance(hidden, tf.RaggedTensor) != isinstance(
             positives, tf.RaggedTensor):
-        raise ValueError("hidden and positives must both be ragged or both "
-                         "dense")
+        raise ValueError(f"hidden and {ids_name} must both be ragged or "
+                         "both dense")
     if isinstance(hidden, tf.RaggedTensor):
         if hidden.ragged_rank != 1 or positives.ragged_rank != 1:
-            raise ValueError("ragged hidden / positives must have ragged "
+            raise ValueError(f"ragged hidden / {ids_name} must have ragged "
                              "rank 1 ([B, (L), D] and [B, (L)])")
         tf.debugging.assert_equal(
             hidden.row_splits, tf.cast(positives.row_splits,
                                        hidden.row_splits.dtype),
-            message="hidden and positives must have the same row lengths")
+            message=f"hidden and {ids_name} must have the same row lengths")
         hidden, positives = hidden.flat_values, positives.flat_values
     hidden = tf.convert_to_tensor(hidden)
     positives = tf.convert_to_tensor(positives)
@@ -176,14 +228,18 @@ def flatten_rows(hidden, positives):
         raise ValueError(f"hidden must be [T, D] or ragged [B, (L), D], got "
                          f"shape {hidden.shape}")
     if positives.shape.rank != 1:
-        raise ValueError(f"positives must be [T] (or ragged [B, (L)]), got "
+        raise ValueError(f"{ids_name} must be [T] (or ragged [B, (L)]), got "
                          f"shape {positives.shape}")
     if not positives.dtype.is_integer:
-        raise ValueError(f"positives must be integer ids, got "
+        raise ValueError(f"{ids_name} must be integer ids, got "
                          f"{positives.dtype.name}")
     if not hidden.dtype.is_floating:
         raise ValueError(f"hidden must be floating point, got "
                          f"{hidden.dtype.name}")
+    if not hidden.shape[:1].is_compatible_with(positives.shape):
+        raise ValueError(f"hidden {hidden.shape} and {ids_name} "
+                         f"{positives.shape} must have the same number of "
+                         "rows T")
     return hidden, positives
 
 

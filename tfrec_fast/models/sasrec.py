@@ -9,11 +9,11 @@ embeddings are shared, as in SASRec.
 """
 
 import tensorflow as tf
-import tensorflow_recommenders as tfrs
 import tf_keras
 
 from tfrec_fast.layers.padded_transformer import PaddedSequenceEncoder
 from tfrec_fast.layers.sequence_encoder import SequenceEncoder
+from tfrec_fast.models.loss_scaling import LossScalingModel
 from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.tasks.next_item import NextItemTask
 
@@ -55,8 +55,12 @@ def last_window(history_ids, lengths, max_len):
     return tf.where(valid, ids, tf.zeros_like(ids)), new_lengths
 
 
-class SASRec(tfrs.Model):
+class SASRec(LossScalingModel):
     """Self-attentive sequential recommender.
+
+    A `tfrs.Model`; under a `mixed_float16` policy its train step applies
+    the loss scaling of the `LossScaleOptimizer` that `compile` adds
+    (`tfrs.Model`'s own step does not, and float16 gradients underflow).
 
     Args:
         num_items: catalog size C; item ids are in [0, C).

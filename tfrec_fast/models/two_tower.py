@@ -13,16 +13,19 @@ only, so `tfrec_fast.export.export_for_serving` applies.
 """
 
 import tensorflow as tf
-import tensorflow_recommenders as tfrs
 import tf_keras
 
+from tfrec_fast.models.loss_scaling import LossScalingModel
 from tfrec_fast.models.sasrec import last_window
 from tfrec_fast.models.sasrec import position_users
 from tfrec_fast.ops.validate_ids import validate_ids
 
 
-class HistoryTwoTower(tfrs.Model):
+class HistoryTwoTower(LossScalingModel):
     """Two towers: item history -> query, item id -> candidate.
+
+    A `tfrs.Model`; under a `mixed_float16` policy its train step applies
+    the loss scaling of the `LossScaleOptimizer` that `compile` adds.
 
     Args:
         num_items: catalog size C.
@@ -75,18 +78,22 @@ class HistoryTwoTower(tfrs.Model):
 
         Returns:
             float [T, D], T = total positions: row t encodes the history up
-            to and including position t of its row.
+            to and including position t of its row. Under a mixed policy
+            the running sums are float32 (a half-precision sum over the
+            whole batch would leave the short prefixes' means with the
+            rounding error of the batch total); the means are then cast to
+            the compute dtype.
         """
         embeddings = self.history_embedding(item_ids.flat_values)  # [T, D]
-        totals = tf.cumsum(embeddings, axis=0)
+        totals = tf.cumsum(tf.cast(embeddings, tf.float32), axis=0)
         # Subtract the running total at each row's start.
         starts = tf.gather(item_ids.row_starts(), item_ids.value_rowids())
         before = tf.gather(tf.pad(totals, [[1, 0], [0, 0]]), starts)
         counts = tf.cast(tf.range(tf.size(item_ids.flat_values,
                                           out_type=tf.int64)) - starts + 1,
-                         embeddings.dtype)
-        return self._query((totals - before) / counts[:, tf.newaxis],
-                           embeddings)
+                         tf.float32)
+        means = (totals - before) / counts[:, tf.newaxis]
+        return self._query(tf.cast(means, embeddings.dtype), embeddings)
 
     def compute_loss(self, inputs, training=False):
         item_ids = validate_ids(inputs["item_ids"], self.num_items,
@@ -118,11 +125,12 @@ class HistoryTwoTower(tfrs.Model):
         ids = validate_ids(ids, self.num_items, arg_name="history_ids",
                            use_fused=False)
         embeddings = self.history_embedding(ids)  # [B, L, D]
+        # The mean in float32 under a mixed policy, as in prefix_queries.
         mask = tf.sequence_mask(lengths, tf.shape(ids)[1],
-                                dtype=embeddings.dtype)[..., tf.newaxis]
-        mean = tf.math.divide_no_nan(
-            tf.reduce_sum(embeddings * mask, axis=1),
-            tf.cast(lengths, embeddings.dtype)[:, tf.newaxis])
+                                dtype=tf.float32)[..., tf.newaxis]
+        mean = tf.cast(tf.math.divide_no_nan(
+            tf.reduce_sum(tf.cast(embeddings, tf.float32) * mask, axis=1),
+            tf.cast(lengths, tf.float32)[:, tf.newaxis]), embeddings.dtype)
         latest = tf.gather(embeddings, tf.maximum(lengths - 1, 0),
                            batch_dims=1)
         return self._query(mean, latest)

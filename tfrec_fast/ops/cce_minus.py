@@ -73,11 +73,12 @@ def _log_k(num):
     return tf.cast(tf.math.log(tf.maximum(num, 1.0)), tf.float32)
 
 
-def _check_negatives(negatives, num_items):
+def _check_negatives(negatives, num_items, hidden=None):
     """Validates `negatives`; returns (kind, tensors) for the two paths.
 
     kind is "given" (ids int64, log_kq float32), "uniform" or "unigram"
-    (accept, alias int64, log_q_table).
+    (accept, alias int64, log_q_table). `hidden` [N, D], when given, is
+    checked statically against per-row ids [N, K].
     """
     if isinstance(negatives, GivenNegatives):
         ids = tf.convert_to_tensor(negatives.ids)
@@ -94,6 +95,11 @@ def _check_negatives(negatives, num_items):
         if not ids.shape.is_compatible_with(log_q.shape):
             raise ValueError(f"negative ids {ids.shape} and log_q "
                              f"{log_q.shape} must have the same shape")
+        if (hidden is not None and ids.shape.rank == 2
+                and not ids.shape[:1].is_compatible_with(hidden.shape[:1])):
+            # (The reference would fail later in an einsum, unreadably.)
+            raise ValueError(f"per-row negative ids {ids.shape} must have "
+                             f"the N rows of hidden {hidden.shape}")
         log_kq = (tf.cast(log_q, tf.float32) +
                   _log_k(tf.shape(ids, out_type=tf.int64)[-1]))
         return "given", (ids, log_kq)
@@ -150,7 +156,7 @@ def cce_minus_reference(hidden, item_table, targets, negatives,
     hidden, item_table, item_bias, targets = prepare_logit_inputs(
         hidden, item_table, targets, item_bias)
     num_items = tf.shape(item_table, out_type=tf.int64)[0]
-    kind, tensors = _check_negatives(negatives, num_items)
+    kind, tensors = _check_negatives(negatives, num_items, hidden)
     if kind == "given":
         ids, log_kq = tensors
         tensors = (validate_ids_reference(ids, num_items, "negative_ids"),
@@ -382,7 +388,7 @@ def cce_minus(hidden, item_table, targets, negatives, item_bias=None,
     hidden, item_table, item_bias, targets = prepare_logit_inputs(
         hidden_t, item_table, targets, item_bias, check_targets=False)
     num_items = tf.shape(item_table, out_type=tf.int64)[0]
-    kind, tensors = _check_negatives(negatives, num_items)
+    kind, tensors = _check_negatives(negatives, num_items, hidden)
     empty_f = tf.zeros([0], tf.float32)
     empty_i = tf.zeros([0], targets.dtype)
     ids, log_kq = empty_i, empty_f

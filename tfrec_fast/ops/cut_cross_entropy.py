@@ -116,9 +116,14 @@ def _online_logsumexp(running_max, running_sum, logits):
 
 
 def finish_logsumexp(running_max, running_sum):
-    """log(sum) + max, -inf where the row had no finite logit."""
-    return tf.where(running_sum > 0, tf.math.log(running_sum) + running_max,
-                    tf.constant(-float("inf"), tf.float32))
+    """log(sum) + max, -inf where the row had no finite logit.
+
+    A NaN sum (a NaN logit, or a +inf one: inf - inf) stays NaN, as in the
+    fused kernels; only an exact 0 (every logit -inf) gives -inf.
+    """
+    return tf.where(tf.equal(running_sum, 0.0),
+                    tf.constant(-float("inf"), tf.float32),
+                    tf.math.log(running_sum) + running_max)
 
 
 def cut_cross_entropy_reference(hidden, item_table, targets, item_bias=None,

@@ -118,6 +118,27 @@ def kernel_logits(query, table, alpha):
     return tf.math.log1p(alpha * tf.square(scores))
 
 
+def check_query_and_table(query, table, table_name="table"):
+    """Static checks: query [T, D] and table [C, D] of the same D.
+
+    Raises:
+        ValueError: a rank or D that does not fit (instead of a MatMul
+            shape error that names neither argument).
+    """
+    query = tf.convert_to_tensor(query)
+    # A variable's (or array's) shape without reading or converting it.
+    table_shape = tf.TensorShape(table.shape if hasattr(table, "shape")
+                                 else tf.convert_to_tensor(table).shape)
+    for name, shape, layout in (("query", query.shape, "[T, D]"),
+                                (table_name, table_shape, "[C, D]")):
+        if shape.rank is not None and shape.rank != 2:
+            raise ValueError(f"{name} must be {layout}, got shape {shape}")
+    if not query.shape[-1:].is_compatible_with(table_shape[-1:]):
+        raise ValueError(f"query {query.shape} and {table_name} "
+                         f"{table_shape} must have the same D")
+    return query, table
+
+
 def kernel_log_probabilities(query, table, alpha):
     """float64 [T, C]: exact log q_i(h_t) by brute force over the catalog.
 
@@ -125,7 +146,11 @@ def kernel_log_probabilities(query, table, alpha):
         query: float [T, D].
         table: float [C, D] item rows.
         alpha: the kernel's alpha (> 0).
+
+    Raises:
+        ValueError: ranks or D that do not fit.
     """
+    query, table = check_query_and_table(query, table)
     return tf.nn.log_softmax(kernel_logits(query, table, alpha), axis=-1)
 
 
@@ -350,6 +375,14 @@ def kernel_sampler_update(tree, snapshot, table, ids, layout, use_fused=None):
 # ---------------------------------------------------------------------------
 # Draws.
 
+def _check_num_draws(num):
+    """ValueError for a static K < 1 (the reference would return no draws,
+    or fail inside StatelessMultinomial, where the op refuses)."""
+    static_num = tf.get_static_value(num)
+    if static_num is not None and int(static_num) < 1:
+        raise ValueError(f"num (K) must be >= 1, got {int(static_num)}")
+
+
 def kernel_sampler_draw_reference(query, snapshot, key, num, alpha):
     """K exact draws per row by brute force (categorical over q).
 
@@ -362,7 +395,14 @@ def kernel_sampler_draw_reference(query, snapshot, key, num, alpha):
 
     Returns:
         (ids int64 [T, K], log_q float32 [T, K]).
+
+    Raises:
+        ValueError: a static K < 1, ranks or D that do not fit (as
+            `kernel_sampler_draw`).
+        tf.errors.InvalidArgumentError: query has NaN or Inf entries.
     """
+    _check_num_draws(num)
+    query, _ = check_query_and_table(query, snapshot, "snapshot")
     query = tf.debugging.check_numerics(
         tf.cast(query, tf.float32),
         "query has NaN/Inf entries: the kernel sampler needs finite queries")
@@ -396,12 +436,11 @@ def kernel_sampler_draw(query, tree, counts, snapshot, key, num, alpha,
 
     Raises:
         ValueError: a static K < 1 (both paths; the op also refuses a
-            dynamic one).
+            dynamic one), ranks or D of query and snapshot that do not fit.
         tf.errors.InvalidArgumentError: query has NaN or Inf entries.
     """
-    static_num = tf.get_static_value(num)
-    if static_num is not None and int(static_num) < 1:
-        raise ValueError(f"num (K) must be >= 1, got {int(static_num)}")
+    _check_num_draws(num)
+    query, _ = check_query_and_table(query, snapshot, "snapshot")
     query = tf.cast(query, tf.float32)
     module = _fused("tfrec_fast_kernel_sampler_draw",
                     "TfrecFastKernelSamplerDraw", use_fused)

@@ -54,6 +54,56 @@ def check_packed(queries, keys, values, row_splits):
                          f"{row_splits.dtype.name}")
 
 
+def checked_row_splits(row_splits, num_tokens):
+    """int64 `row_splits`, after the fused op's checks (same wording).
+
+    The padded reference packs and unpacks rows without bounds checks
+    (`RaggedTensor.from_row_splits(validate=False)`): splits past T would
+    read past the end of the packed tokens. Rules: at least one entry,
+    row_splits[0] = 0, non-decreasing, row_splits[-1] = T.
+
+    Args:
+        row_splits: int64 [B + 1].
+        num_tokens: T, int64 scalar (dimension 0 of queries).
+
+    Raises:
+        tf.errors.InvalidArgumentError: a rule is broken (eagerly: the first
+            bad entry, as the fused op says it; in a graph: an assertion
+            that prints row_splits and T).
+    """
+    if tf.executing_eagerly():
+        splits, total = row_splits.numpy().tolist(), int(num_tokens)
+        problem = None
+        if not splits:
+            problem = "row_splits must have at least one entry (B + 1 >= 1)"
+        elif splits[0] != 0:
+            problem = f"row_splits[0] must be 0, got {splits[0]}"
+        else:
+            for b in range(1, len(splits)):
+                if splits[b] < splits[b - 1]:
+                    problem = (f"row_splits must be non-decreasing, but "
+                               f"row_splits[{b}] = {splits[b]} < "
+                               f"row_splits[{b - 1}] = {splits[b - 1]}")
+                    break
+            if problem is None and splits[-1] != total:
+                problem = (f"row_splits[-1] = row_splits[{len(splits) - 1}] "
+                           f"= {splits[-1]} must equal the number of packed "
+                           f"tokens T = {total} (dimension 0 of queries)")
+        if problem:
+            raise tf.errors.InvalidArgumentError(None, None, problem)
+        return row_splits
+    valid = tf.logical_and(tf.size(row_splits) > 0, tf.reduce_all(tf.concat(
+        [tf.equal(row_splits[:1], 0),
+         row_splits[1:] >= row_splits[:-1],
+         tf.equal(row_splits[-1:], num_tokens)], axis=0)))
+    check = tf.debugging.Assert(
+        valid, ["row_splits must start at 0, be non-decreasing and end at "
+                "the number of packed tokens T (dimension 0 of queries); "
+                "row_splits =", row_splits, "T =", num_tokens], summarize=16)
+    with tf.control_dependencies([check]):
+        return tf.identity(row_splits)
+
+
 def ragged_attention_reference(queries, keys, values, row_splits,
                                causal=True, scale=None):
     """Softmax attention within each packed sequence (pure TF, padded).
@@ -74,8 +124,10 @@ def ragged_attention_reference(queries, keys, values, row_splits,
     """
     queries, keys, values = (tf.convert_to_tensor(x)
                              for x in (queries, keys, values))
-    row_splits = tf.cast(row_splits, tf.int64)
-    check_packed(queries, keys, values, row_splits)
+    row_splits = tf.convert_to_tensor(row_splits)
+    check_packed(queries, keys, values, row_splits)  # before the cast
+    row_splits = checked_row_splits(tf.cast(row_splits, tf.int64),
+                                    tf.shape(queries, out_type=tf.int64)[0])
     if scale is None:
         scale = 1.0 / math.sqrt(queries.shape[-1])
     dtype = queries.dtype

@@ -9,15 +9,26 @@ def validate_ids_reference(ids, num_items, arg_name="ids"):
     """Pure-TF reference of `validate_ids` (same checks, same result).
 
     Args:
-        ids: int32/int64 tensor of any shape.
+        ids: int32/int64 tensor of any shape, or a `tf.RaggedTensor` (its
+            `flat_values` are checked).
         num_items: Scalar catalog size C.
         arg_name: Argument name used in the error.
 
     Returns:
         `ids`, after a check that fails with InvalidArgumentError naming the
         first bad id and its flat position.
+
+    Raises:
+        ValueError: `ids` is not an integer tensor (float ids would be
+            truncated silently).
     """
+    if isinstance(ids, tf.RaggedTensor):
+        return ids.with_flat_values(
+            validate_ids_reference(ids.flat_values, num_items, arg_name))
     ids = tf.convert_to_tensor(ids)
+    if not ids.dtype.is_integer:
+        raise ValueError(
+            f"{arg_name} must be integer ids, got {ids.dtype.name}")
     num_items = tf.cast(num_items, tf.int64)
     flat = tf.cast(tf.reshape(ids, [-1]), tf.int64)
     bad = tf.where((flat < 0) | (flat >= num_items))[:, 0]
@@ -35,10 +46,13 @@ def validate_ids_reference(ids, num_items, arg_name="ids"):
                 f"[{','.join(map(str, ids.shape.as_list()))}]")
         return ids
     first = tf.concat([bad, [-1]], axis=0)[0]
+    # The Assert's data runs even when the check passes: gather from a
+    # padded copy so that empty ids (e.g. a replica without rows) are valid.
+    first_id = tf.gather(tf.concat([flat, [0]], axis=0), tf.maximum(first, 0))
     check = tf.debugging.Assert(
         tf.equal(tf.size(bad), 0),
         [f"{arg_name} has an id out of range [0, num_items): num_items =",
-         num_items, "first bad id =", tf.gather(flat, tf.maximum(first, 0)),
+         num_items, "first bad id =", first_id,
          "at flat position", first], summarize=1)
     with tf.control_dependencies([check]):
         return tf.identity(ids)

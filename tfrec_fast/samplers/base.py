@@ -160,6 +160,14 @@ class CandidateSampler(tf_keras.layers.Layer):
             global generator at construction (so `tf_keras.utils.
             set_random_seed` makes it reproducible) and records it in
             `get_config()`.
+        **kwargs: base Layer arguments. `dtype` defaults to "float32"
+            whatever the global policy is.
+
+    Mixed precision: a sampler's dtype policy is float32 by default even
+    under a `mixed_float16` / `mixed_bfloat16` global policy, so its state
+    variables are plain float32 variables (not AutoCastVariables that a
+    calling loss layer would read in half precision), queries of any float
+    dtype are scored in float32 (or float64), and log q is always float32.
     """
 
     # True when the draw depends on the query (log_prob then returns one row
@@ -167,6 +175,9 @@ class CandidateSampler(tf_keras.layers.Layer):
     query_dependent = False
 
     def __init__(self, num_items, seed=None, **kwargs):
+        # Half-precision log q / alias tables / kernel trees would bias the
+        # logQ correction (and the compiled tree ops need float32 state).
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if isinstance(num_items, bool) or not isinstance(
                 num_items, (int, np.integer)) or num_items <= 0:

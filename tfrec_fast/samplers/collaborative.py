@@ -52,6 +52,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from tfrec_fast import distribute
 from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.samplers.base import CandidateSampler
 from tfrec_fast.samplers.base import check_num
@@ -505,7 +506,11 @@ class CollaborativeSampler(CandidateSampler):
             - 1/T sum_t 1/K sum_k (r_tk - mean_k r_tk) grad log q(ids_tk | u_t)
 
         (the row mean as baseline), so minimising it raises the probability
-        of negatives with above-average reward.
+        of negatives with above-average reward. Under a `tf.distribute`
+        strategy T is the number of rows of the *global* batch (each
+        replica returns its share, as `reduce_losses` does), so the
+        replicas' gradients, summed by the all-reduce, are the
+        single-device gradient.
 
         Args:
             query: int [T] users.
@@ -523,8 +528,11 @@ class CollaborativeSampler(CandidateSampler):
         # Observed items have q = 0 when excluded (never drawn): no term,
         # and no log(0) whose gradient would be NaN.
         log_q = tf.math.log(tf.where(q > 0, q, 1.0))
-        terms = advantage * (log_q - tf.stop_gradient(log_q))
-        return -tf.reduce_mean(tf.reduce_mean(terms, axis=1))
+        terms = tf.reduce_mean(
+            advantage * (log_q - tf.stop_gradient(log_q)), axis=1)
+        rows = distribute.sum_across_replicas(
+            tf.cast(tf.size(terms), tf.float32))
+        return -tf.math.divide_no_nan(tf.reduce_sum(terms), rows)
 
     def add_reward_loss(self, query, ids, negative_logits, positive_logits,
                         observed=None):

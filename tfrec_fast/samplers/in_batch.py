@@ -186,7 +186,8 @@ class InBatch(CandidateSampler):
         Raises:
             ValueError: positives missing or not int [T], shared=False,
                 num not None and not T, query not [T, D].
-            tf.errors.InvalidArgumentError: a positive outside [0, C).
+            tf.errors.InvalidArgumentError: a positive outside [0, C), or
+                num draws asked from a batch of no positives.
         """
         del item_table
         if not shared:
@@ -200,8 +201,16 @@ class InBatch(CandidateSampler):
         if query is not None:
             query = check_query(query, floating=False)
             checks += check_rows(query, rows, "InBatch")
+        if num is not None:
+            # Said here: the RNG's own error ("Need minval < maxval") names
+            # neither num nor positives.
+            checks.append(tf.debugging.assert_positive(
+                rows, message="InBatch: num draws from the positives of "
+                "the batch need at least one positive (T = 0)"))
         with tf.control_dependencies(checks):
             positives = tf.identity(positives)
+            # (In a graph the draws below would otherwise race the check.)
+            rows = tf.identity(rows)
         self._update(positives)
         ids = positives
         if num is not None:

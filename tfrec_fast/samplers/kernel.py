@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from tfrec_fast import distribute
 from tfrec_fast.ops import kernel_sampler as kernel_ops
 from tfrec_fast.samplers.base import CandidateSampler
 from tfrec_fast.samplers.base import check_query
@@ -205,9 +206,9 @@ class KernelSampler(CandidateSampler):
         Returns:
             (num_changed int64 scalar, rebuilt bool scalar).
         """
-        return kernel_ops.kernel_sampler_refresh(
-            self.tree, self.snapshot, self._table(item_table),
-            self.max_changed, self.layout, self.use_fused)
+        return self._on_every_copy(
+            kernel_ops.kernel_sampler_refresh, self._table(item_table),
+            self.max_changed)
 
     def update(self, item_table, ids):
         """Moves the tree to `item_table` on rows `ids` only (int [R]).
@@ -216,18 +217,60 @@ class KernelSampler(CandidateSampler):
         O(D^2 log C) per row and no O(C D) comparison. Rows not listed keep
         their snapshot values even if the table has moved.
 
+        Under a `tf.distribute` strategy, called inside a replica, every
+        replica updates the rows that any replica lists (their ids are
+        gathered), so the mirrored copies stay equal: the update of the
+        global batch.
+
         Returns:
             int64 scalar: distinct rows updated.
         """
-        return kernel_ops.kernel_sampler_update(
-            self.tree, self.snapshot, self._table(item_table), ids,
-            self.layout, self.use_fused)
+        ids = distribute.gather_across_replicas(tf.convert_to_tensor(ids),
+                                                differentiable=False)
+        return self._on_every_copy(kernel_ops.kernel_sampler_update,
+                                   self._table(item_table), ids)
 
     def rebuild(self, item_table):
         """Rebuilds the tree from `item_table` [C, D] (O(C D^2))."""
-        kernel_ops.kernel_sampler_refresh(
-            self.tree, self.snapshot, self._table(item_table), -1,
-            self.layout, self.use_fused)
+        self._on_every_copy(kernel_ops.kernel_sampler_refresh,
+                            self._table(item_table), -1)
+
+    def _on_every_copy(self, op, table, arg):
+        """`op(tree, snapshot, table, arg, layout, use_fused)`, which writes
+        the tree and snapshot in place, on every copy of mirrored state.
+
+        Inside a replica each replica writes its own copies, as plain
+        variables (from the same inputs, so the copies stay equal; the
+        pure-TF reference assigns inside `tf.cond`, where a mirrored
+        variable's cross-replica sync is not allowed). Outside one (e.g. at
+        construction under `strategy.scope()`, or from a callback) the op
+        runs once per copy, through the strategy's `update`.
+
+        Returns:
+            The op's result (the first copy's, for mirrored state).
+        """
+        def run(tree, snapshot, table, arg):
+            return op(tree, snapshot, table, arg, self.layout, self.use_fused)
+
+        strategy = getattr(self.tree, "distribute_strategy", None)
+        if strategy is None:
+            return run(self.tree, self.snapshot, table, arg)
+        if (tf.distribute.has_strategy()
+                and tf.distribute.get_replica_context() is not None):
+            def local(variable):  # in a replica, .device is its copy's
+                return next((
+                    copy for copy in strategy.experimental_local_results(
+                        variable) if copy.device == variable.device),
+                    variable)
+            return run(local(self.tree), local(self.snapshot), table, arg)
+        with strategy.scope():
+            # In the update of copy i, `snapshot.handle` is copy i too.
+            result = strategy.extended.update(
+                self.tree, lambda tree: run(tree, self.snapshot, table, arg),
+                group=False)
+        return tf.nest.map_structure(
+            lambda value: strategy.experimental_local_results(value)[0],
+            result)
 
     def _table(self, item_table):
         if item_table is None:

@@ -35,6 +35,14 @@ class NextItemTask(tf_keras.layers.Layer):
     `tf_keras` reports and the summed gradients optimise) is the mean over
     the global batch.
 
+    Mixed precision: under a `mixed_float16` / `mixed_bfloat16` policy the
+    loss gets `hidden` in the compute dtype (Keras autocasts it) and
+    `item_table` as passed (a float32 variable when it comes from a
+    `tf_keras.layers.Embedding`, which does not autocast its table). The
+    package's losses cast the table to hidden's dtype, compute the
+    log-softmax in float32 and return float32; a custom callable must
+    accept the two dtypes too. The task's mean is float32.
+
     Args:
         loss_fn: the per-position callable or loss layer described above.
             Defaults to `full_softmax_cross_entropy`.

@@ -1,0 +1,116 @@
+"""The transformer blocks' token-wise parts with hand-written gradients
+(TokenLayerNormalization, exact_gelu) equal the stock TF / tf_keras ones."""
+
+import numpy as np
+import pytest
+
+import tfrec_fast  # noqa: F401  (selects tf_keras before TF loads)
+import tensorflow as tf
+import tf_keras
+
+from tfrec_fast.layers.gelu import exact_gelu
+from tfrec_fast.layers.gelu import fast_activation
+from tfrec_fast.layers.token_layer_norm import TokenLayerNormalization
+
+
+def _pair(epsilon, dim):
+    ours = TokenLayerNormalization(epsilon=epsilon)
+    stock = tf_keras.layers.LayerNormalization(epsilon=epsilon)
+    ours.build([None, dim])
+    stock.build([None, dim])
+    rng = np.random.default_rng(1)
+    weights = [rng.normal(size=dim).astype(np.float32) for _ in range(2)]
+    ours.set_weights(weights)
+    stock.set_weights(weights)
+    return ours, stock
+
+
+def _value_and_grads(layer, x, dy):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(y * dy)
+    return [y] + tape.gradient(loss, [x] + layer.trainable_variables)
+
+
+@pytest.mark.parametrize("epsilon", [1e-6, 1e-3])
+@pytest.mark.parametrize("rows", [0, 1, 37])
+def test_matches_keras_layer_norm(epsilon, rows):
+    dim = 24
+    ours, stock = _pair(epsilon, dim)
+    rng = np.random.default_rng(rows)
+    # Rows with an offset and a scale far from 0 / 1, and a constant row
+    # (variance 0: rstd = 1 / sqrt(epsilon)).
+    x = rng.normal(3.0, 5.0, size=(rows, dim)).astype(np.float32)
+    if rows > 1:
+        x[1] = 2.5
+    x = tf.constant(x)
+    dy = tf.constant(rng.normal(size=(rows, dim)).astype(np.float32))
+    got = _value_and_grads(ours, x, dy)
+    want = _value_and_grads(stock, x, dy)
+    for g, w, name in zip(got, want, ["y", "dx", "dgamma", "dbeta"]):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=2e-5,
+                                   atol=2e-5 if epsilon > 1e-5 else 2e-4,
+                                   err_msg=name)
+
+
+def test_same_weights_and_config_as_keras():
+    ours, stock = _pair(1e-6, 8)
+    assert [v.name for v in ours.weights] == [v.name.replace(
+        stock.name, ours.name) for v in stock.weights]
+    config = ours.get_config()
+    config.pop("name")
+    stock_config = stock.get_config()
+    stock_config.pop("name")
+    assert config == stock_config
+
+
+def test_other_ranks_use_the_keras_code():
+    ours = TokenLayerNormalization(epsilon=1e-6, beta_initializer="ones")
+    stock = tf_keras.layers.LayerNormalization(epsilon=1e-6,
+                                               beta_initializer="ones")
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 3, 8)),
+                    tf.float32)
+    np.testing.assert_allclose(ours(x).numpy(), stock(x).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_computes_in_float32(policy):
+    x = tf.constant(np.random.default_rng(0).normal(
+        100.0, 0.01, size=(5, 16)), tf.float32)
+    previous = tf_keras.mixed_precision.global_policy()
+    tf_keras.mixed_precision.set_global_policy(policy)
+    try:
+        ours = TokenLayerNormalization(epsilon=1e-6)
+        stock = tf_keras.layers.LayerNormalization(epsilon=1e-6)
+        y, want = ours(x), stock(x)
+    finally:
+        tf_keras.mixed_precision.set_global_policy(previous)
+    assert y.dtype == want.dtype == ours.compute_dtype
+    assert ours.gamma.dtype == tf.float32
+    np.testing.assert_allclose(tf.cast(y, tf.float32).numpy(),
+                               tf.cast(want, tf.float32).numpy(), atol=1e-2)
+
+
+def test_exact_gelu_matches_tf_gelu_values_and_gradient():
+    x = tf.constant(np.concatenate([
+        np.linspace(-12.0, 12.0, 401), [0.0, -40.0, 40.0]]), tf.float32)
+    dy = tf.constant(np.random.default_rng(0).normal(size=x.shape),
+                     tf.float32)
+    results = []
+    for fn in (exact_gelu, lambda v: tf.nn.gelu(v, approximate=False)):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x)
+        results.append((y, tape.gradient(y, x, output_gradients=dy)))
+    (y, dx), (want_y, want_dx) = results
+    np.testing.assert_allclose(y.numpy(), want_y.numpy(), rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(dx.numpy(), want_dx.numpy(), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_fast_activation_swaps_only_exact_gelu():
+    assert fast_activation(tf_keras.activations.get("gelu")) is exact_gelu
+    relu = tf_keras.activations.get("relu")
+    assert fast_activation(relu) is relu
