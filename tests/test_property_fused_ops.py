@@ -10,6 +10,8 @@ library to its pure-TF reference (same module, same meaning):
 - cut_cross_entropy: values and gradients w.r.t. hidden, item table, bias;
 - cce_minus, given negatives (per row / shared) and generated negatives
   (uniform / unigram): values and the three gradients;
+- layer_norm: values and gradients w.r.t. x, gamma and beta (rows across
+  the op's task boundaries, D = 1, constant rows, large offsets);
 - kernel sampler: tree build (refresh), refresh / update after changes
   (tree, snapshot and counts), and the log q of the fused op's draws against
   the brute-force log q of `kernel_log_probabilities` (the draw reference
@@ -424,6 +426,60 @@ def test_ragged_attention_fused_equals_reference(case):
         causal, float(np.float32(effective_scale)), dtype)
     _assert_close(("out", "d_queries", "d_keys", "d_values"), run(True),
                   run(False), HALF_TOL.get(dtype, TOL), bounds)
+
+
+# ---------------------------------------------------------------------------
+# layer_norm
+
+@st.composite
+def _layer_norm_cases(draw):
+    rows = draw(_ints(0, 700, edges=(0, 1, 255, 256, 257, 513)))
+    dim = draw(_ints(1, 80, edges=(1, 2, 15, 16, 17, 64)))
+    epsilon = draw(st.sampled_from([1e-6, 1e-6, 1e-5, 1e-3, 1.0]))
+    offset = draw(st.sampled_from([0.0, 0.0, 3.0, -50.0]))
+    regime = draw(st.sampled_from(["normal", "normal", "ties", "zeros",
+                                   "constant rows"]))
+    magnitude = draw(st.floats(0.05, 3.0))
+    return (rows, dim, epsilon, offset, regime, magnitude,
+            draw(COTANGENTS), draw(SEEDS))
+
+
+@needs("tfrec_fast_layer_norm", "tfrec_fast_layer_norm_grad")
+@PROPERTY
+@given(_layer_norm_cases())
+def test_layer_norm_fused_equals_reference(case):
+    rows, dim, epsilon, offset, regime, magnitude, cotangent, seed = case
+    rng = np.random.default_rng(seed)
+    event(f"{regime} rows")
+    if regime == "constant rows":  # variance 0: rstd = 1 / sqrt(epsilon)
+        x = np.repeat(rng.standard_normal((rows, 1)), dim, axis=1)
+    else:
+        x = _values(rng, (rows, dim), regime, magnitude).astype(np.float64)
+    x = (x + offset).astype(np.float32)
+    gamma = rng.standard_normal(dim).astype(np.float32)
+    beta = rng.standard_normal(dim).astype(np.float32)
+    w = tf.constant(_cotangent(rng, (rows, dim), cotangent))
+    inputs = [tf.constant(v) for v in (x, gamma, beta)]
+
+    def run(use_fused):
+        return _value_and_grads(
+            lambda x, g, b: ops.layer_norm(x, g, b, epsilon,
+                                           use_fused=use_fused), inputs, w)
+
+    # Both sides sum each row in float32 in different orders: the centred
+    # values carry ~D ulps of the row's largest |x|, amplified by rstd.
+    x64 = x.astype(np.float64)
+    spread = np.abs(x64).max(axis=1, keepdims=True) if rows else 0.0
+    rstd = 1.0 / np.sqrt(x64.var(axis=1, keepdims=True) + epsilon)
+    slack = dim * 2.0**-23 * spread * rstd if rows else 0.0
+    w64 = np.abs(w.numpy().astype(np.float64))
+    bounds = [slack * np.abs(gamma),
+              slack * rstd * np.abs(gamma) * (w64 + w64.mean(
+                  axis=1, keepdims=True) if rows else 0.0),
+              (slack * w64).sum(axis=0) if rows else 0.0,
+              None]
+    _assert_close(("y", "d_x", "d_gamma", "d_beta"), run(True), run(False),
+                  TOL, bounds)
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The transformer blocks' token-wise parts with hand-written gradients
 (TokenLayerNormalization, exact_gelu) equal the stock TF / tf_keras ones."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,7 @@ import tfrec_fast  # noqa: F401  (selects tf_keras before TF loads)
 import tensorflow as tf
 import tf_keras
 
+from tfrec_fast import ops
 from tfrec_fast.layers.gelu import exact_gelu
 from tfrec_fast.layers.gelu import fast_activation
 from tfrec_fast.layers.token_layer_norm import TokenLayerNormalization
@@ -25,6 +28,14 @@ def _pair(epsilon, dim):
     return ours, stock
 
 
+def _call_with(layer, use_fused, inputs):
+    """TokenLayerNormalization.call on the fused op or the reference."""
+    return tf.cast(ops.layer_norm(
+        tf.cast(inputs, tf.float32), tf.cast(layer.gamma, tf.float32),
+        tf.cast(layer.beta, tf.float32), layer.epsilon, use_fused=use_fused),
+        inputs.dtype)
+
+
 def _value_and_grads(layer, x, dy):
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -33,11 +44,15 @@ def _value_and_grads(layer, x, dy):
     return [y] + tape.gradient(loss, [x] + layer.trainable_variables)
 
 
+@pytest.mark.parametrize("use_fused", [True, False], ids=["fused", "reference"])
 @pytest.mark.parametrize("epsilon", [1e-6, 1e-3])
-@pytest.mark.parametrize("rows", [0, 1, 37])
-def test_matches_keras_layer_norm(epsilon, rows):
-    dim = 24
+@pytest.mark.parametrize("rows", [0, 1, 37, 1500])
+@pytest.mark.parametrize("dim", [24, 5])
+def test_matches_keras_layer_norm(epsilon, rows, dim, use_fused):
+    if use_fused and not ops.build_info()["cpu_ops"]:
+        pytest.skip("op library not built")
     ours, stock = _pair(epsilon, dim)
+    ours.call = functools.partial(_call_with, ours, use_fused)
     rng = np.random.default_rng(rows)
     # Rows with an offset and a scale far from 0 / 1, and a constant row
     # (variance 0: rstd = 1 / sqrt(epsilon)).
