@@ -75,6 +75,7 @@ def test_same_weights_and_config_as_keras():
         stock.name, ours.name) for v in stock.weights]
     config = ours.get_config()
     config.pop("name")
+    assert config.pop("use_fused") is None  # the one addition
     stock_config = stock.get_config()
     stock_config.pop("name")
     assert config == stock_config
@@ -129,3 +130,25 @@ def test_fast_activation_swaps_only_exact_gelu():
     assert fast_activation(tf_keras.activations.get("gelu")) is exact_gelu
     relu = tf_keras.activations.get("relu")
     assert fast_activation(relu) is relu
+
+
+def _op_types(layer, use_fused):
+    fn = tf.function(lambda x: layer(x, use_fused=use_fused))
+    graph = fn.get_concrete_function(
+        tf.TensorSpec([None, 8], tf.float32)).graph
+    return {op.type for op in graph.get_operations()}
+
+
+def test_use_fused_picks_the_op_or_core_ops():
+    if not ops.build_info()["cpu_ops"]:
+        pytest.skip("op library not built")
+    layer = TokenLayerNormalization(epsilon=1e-6)
+    assert "TfrecFastLayerNorm" in _op_types(layer, None)
+    # Serving graphs (SequenceEncoder.call_padded) pass use_fused=False.
+    assert not any(t.startswith("TfrecFast")
+                   for t in _op_types(layer, False))
+    layer = TokenLayerNormalization(epsilon=1e-6, use_fused=False)
+    assert not any(t.startswith("TfrecFast")
+                   for t in _op_types(layer, None))
+    restored = TokenLayerNormalization.from_config(layer.get_config())
+    assert restored.use_fused is False and restored.epsilon == 1e-6

@@ -60,7 +60,8 @@ class RaggedTransformerBlock(tf_keras.layers.Layer):
         norm_first: pre-LN (True) or post-LN (False).
         activation: FFN activation (name or callable), e.g. "gelu", "relu".
         epsilon: LayerNormalization epsilon.
-        use_fused: fused attention op: True / False / None (pick).
+        use_fused: fused attention and LayerNorm ops: True / False / None
+            (pick).
         **kwargs: base Layer arguments.
 
     Call arguments:
@@ -92,13 +93,13 @@ class RaggedTransformerBlock(tf_keras.layers.Layer):
         self.epsilon = epsilon
         self.use_fused = use_fused
         self.attention_norm = TokenLayerNormalization(
-            epsilon=epsilon, name="attention_norm")
+            epsilon=epsilon, use_fused=use_fused, name="attention_norm")
         self.attention = RaggedMultiHeadAttention(
             num_heads, dim // num_heads, causal=causal, output_dim=dim,
             dropout=dropout if attention_dropout is None else attention_dropout,
             use_fused=use_fused, name="attention")
-        self.ffn_norm = TokenLayerNormalization(epsilon=epsilon,
-                                                name="ffn_norm")
+        self.ffn_norm = TokenLayerNormalization(
+            epsilon=epsilon, use_fused=use_fused, name="ffn_norm")
         self.ffn_in = tf_keras.layers.Dense(self.ffn_dim,
                                             activation=fast_activation(
                                                 self.activation),
@@ -131,12 +132,18 @@ class RaggedTransformerBlock(tf_keras.layers.Layer):
         def drop(h):
             return self.residual_dropout(h, training=training)
 
+        def attention_norm(h):
+            return self.attention_norm(h, use_fused=use_fused)
+
+        def ffn_norm(h):
+            return self.ffn_norm(h, use_fused=use_fused)
+
         if self.norm_first:
-            x = x + drop(attend(self.attention_norm(x)))
-            x = x + drop(ffn(self.ffn_norm(x)))
+            x = x + drop(attend(attention_norm(x)))
+            x = x + drop(ffn(ffn_norm(x)))
         else:
-            x = self.attention_norm(x + drop(attend(x)))
-            x = self.ffn_norm(x + drop(ffn(x)))
+            x = attention_norm(x + drop(attend(x)))
+            x = ffn_norm(x + drop(ffn(x)))
         return inputs.with_flat_values(x)
 
     def get_config(self):

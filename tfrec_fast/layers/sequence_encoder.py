@@ -56,7 +56,8 @@ class SequenceEncoder(tf_keras.layers.Layer):
         epsilon: LayerNormalization epsilon.
         from_end: count positions from the end of each row.
         scale_embeddings: multiply the inputs by sqrt(D) (SASRec).
-        use_fused: fused attention op: True / False / None (pick).
+        use_fused: fused attention and LayerNorm ops: True / False / None
+            (pick).
         **kwargs: base Layer arguments.
 
     Call arguments:
@@ -108,7 +109,8 @@ class SequenceEncoder(tf_keras.layers.Layer):
                 epsilon=epsilon, use_fused=use_fused, name=f"block_{i}")
             for i in range(num_blocks)]
         norm = TokenLayerNormalization(
-            epsilon=epsilon, name="final_norm" if norm_first else "input_norm")
+            epsilon=epsilon, use_fused=use_fused,
+            name="final_norm" if norm_first else "input_norm")
         self.final_norm = norm if norm_first else None
         self.input_norm = None if norm_first else norm
 
@@ -132,22 +134,22 @@ class SequenceEncoder(tf_keras.layers.Layer):
             x = x * tf.cast(math.sqrt(self.dim), x.dtype)
         x = x + tf.cast(self.positions(embeddings).flat_values, x.dtype)
         if self.input_norm is not None:
-            x = self.input_norm(x)
+            x = self.input_norm(x, use_fused=use_fused)
         x = self.input_dropout(x, training=training)
         hidden = embeddings.with_flat_values(x)
         for block in self.blocks:
             hidden = block(hidden, training=training, use_fused=use_fused)
         if self.final_norm is not None:
             hidden = hidden.with_flat_values(
-                self.final_norm(hidden.flat_values))
+                self.final_norm(hidden.flat_values, use_fused=use_fused))
         return hidden
 
     def call_padded(self, embeddings, lengths, training=None):
         """The same encoder on right-padded input, core TF ops only.
 
         Packs the valid positions, runs the blocks with the pure-TF reference
-        attention (never the fused op, so a SavedModel of this graph loads in
-        stock TensorFlow) and pads the result again.
+        attention and LayerNorm (never the fused ops, so a SavedModel of this
+        graph loads in stock TensorFlow) and pads the result again.
 
         Args:
             embeddings: float [B, L, D] item embeddings, right-padded.

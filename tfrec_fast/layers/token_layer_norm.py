@@ -23,21 +23,38 @@ class TokenLayerNormalization(tf_keras.layers.LayerNormalization):
     mixed-precision policy it computes in float32 and returns the input's
     dtype, as the parent does.
 
+    Args:
+        use_fused: the fused LayerNorm op: True / False / None (pick; see
+            `tfrec_fast.ops.layer_norm`). Serving graphs pass False (core TF
+            ops only).
+        **kwargs: `tf_keras.layers.LayerNormalization` arguments.
+
     Call args:
         inputs: float [T, D].
+        use_fused: per-call override of the layer's `use_fused`.
 
     Returns:
         [T, D] of the input's dtype.
     """
 
-    def call(self, inputs):
+    def __init__(self, use_fused=None, **kwargs):
+        super().__init__(**kwargs)
+        self.use_fused = use_fused
+
+    def call(self, inputs, use_fused=None):
         if (isinstance(inputs, tf.RaggedTensor) or inputs.shape.rank != 2
                 or self.axis != [1] or not (self.center and self.scale)):
             return super().call(inputs)
+        if use_fused is None:
+            use_fused = self.use_fused
         inputs = tf.cast(inputs, self.compute_dtype)
         input_dtype = inputs.dtype
         # Statistics in float32 whatever the policy (as the parent does).
         outputs = layer_norm(tf.cast(inputs, tf.float32),
                              tf.cast(self.gamma, tf.float32),
-                             tf.cast(self.beta, tf.float32), self.epsilon)
+                             tf.cast(self.beta, tf.float32), self.epsilon,
+                             use_fused=use_fused)
         return tf.cast(outputs, input_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "use_fused": self.use_fused}
