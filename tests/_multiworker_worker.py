@@ -21,8 +21,6 @@ rows; "single" reads the global batches whole.
 import json
 import os
 import sys
-import threading
-import time
 
 import numpy as np
 
@@ -30,8 +28,9 @@ import tfrec_fast  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TF loads)
 import tensorflow as tf
 import tf_keras
 
+from distribute_testing import FixedCandidates
+from distribute_testing import exit_with_parent
 from tfrec_fast import models
-from tfrec_fast import samplers
 from tfrec_fast.losses import SampledSoftmax
 from tfrec_fast.tasks import NextItemTask
 from tfrec_fast.tasks import SampledRetrieval
@@ -40,44 +39,6 @@ NUM_ITEMS, DIM, MAX_LEN = 30, 8, 8
 GLOBAL_BATCH, STEPS, NUM_WORKERS = 8, 4, 2
 LEARNING_RATE = 0.5
 MAX_LIFETIME_S = 240  # no process of the test outlives this
-
-
-def exit_with_parent():
-    """Exits this process when its parent goes away or after a deadline.
-
-    A worker whose peer died waits in a collective forever; the test kills
-    it, but if the test process itself dies it must not linger.
-    """
-    parent, start = os.getppid(), time.monotonic()
-
-    def watch():
-        while (os.getppid() == parent
-               and time.monotonic() - start < MAX_LIFETIME_S):
-            time.sleep(0.5)
-        os._exit(3)  # pylint: disable=protected-access
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-class FixedCandidates(samplers.CandidateSampler):
-    """The same K candidates (uniform log q) in every replica and step.
-
-    Args:
-        num_items: catalog size.
-        ids: int [K] candidate ids.
-    """
-
-    def __init__(self, num_items, ids, **kwargs):
-        super().__init__(num_items, seed=0, **kwargs)
-        self.ids = np.asarray(ids, np.int64)
-
-    def _draw(self, seed, shape, query, positives, item_table):
-        ids = tf.constant(self.ids)
-        return ids, self._log_prob(None, ids)
-
-    def _log_prob(self, query, ids):
-        return tf.fill(tf.shape(ids),
-                       np.float32(-np.log(self.num_items)))
 
 
 def global_batches():
@@ -166,7 +127,7 @@ def train(name, strategy):
 
 
 def main(mode, out_dir):
-    exit_with_parent()
+    exit_with_parent(MAX_LIFETIME_S)
     # Two cores are shared by every process of the test.
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(2)

@@ -16,8 +16,6 @@ Usage:
 import json
 import os
 import sys
-import threading
-import time
 
 import numpy as np
 
@@ -25,6 +23,8 @@ import tfrec_fast  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TF loads)
 import tensorflow as tf
 import tf_keras
 
+from distribute_testing import FixedCandidates
+from distribute_testing import exit_with_parent
 from tfrec_fast import models
 from tfrec_fast import samplers
 from tfrec_fast.losses import CCEMinus
@@ -36,23 +36,6 @@ from tfrec_fast.tasks import NextItemTask
 NUM_ITEMS, DIM, MAX_LEN = 48, 8, 8
 BATCH, STEPS_PER_EPOCH, EPOCHS = 16, 6, 4
 MAX_LIFETIME_S = 240  # no process of the test outlives this
-
-
-def exit_with_parent():
-    """Exits this process when its parent goes away or after a deadline.
-
-    Servers never return from `join()`; the test kills them, but if the test
-    process itself dies they must not linger.
-    """
-    parent, start = os.getppid(), time.monotonic()
-
-    def watch():
-        while (os.getppid() == parent
-               and time.monotonic() - start < MAX_LIFETIME_S):
-            time.sleep(0.5)
-        os._exit(3)  # pylint: disable=protected-access
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def limit_threads():
@@ -94,21 +77,6 @@ def dataset_fn(input_context):
     return tf.data.Dataset.from_tensor_slices(
         {"item_ids": item_ids, "targets": targets}).shuffle(
             64, seed=0).batch(BATCH).repeat()
-
-
-class FixedCandidates(samplers.CandidateSampler):
-    """Fixed shared candidates, so two calls see the same negatives."""
-
-    def __init__(self, num_items, ids, **kwargs):
-        super().__init__(num_items, seed=0, **kwargs)
-        self.ids = np.asarray(ids, np.int64)
-
-    def _draw(self, seed, shape, query, positives, item_table):
-        ids = tf.constant(self.ids)
-        return ids, self._log_prob(None, ids)
-
-    def _log_prob(self, query, ids):
-        return tf.fill(tf.shape(ids), np.float32(-np.log(self.num_items)))
 
 
 # Fresh loss layers per call: samplers keep draw counters, and the sharded
@@ -220,7 +188,7 @@ def chief(cluster, out_dir):
 
 
 def main(argv):
-    exit_with_parent()
+    exit_with_parent(MAX_LIFETIME_S)
     cluster = json.loads(argv[2])
     if argv[1] == "server":
         serve(cluster, argv[3], int(argv[4]))

@@ -4,7 +4,13 @@ The strategies run on the logical CPU devices made in conftest.py. Replica
 r of a strategy with n replicas gets rows SLICES[n][r] of a global batch of
 10 rows (uneven on purpose); `split` / `split_ragged` hand out such slices,
 `replica_sum` and `concat` put per-replica results back together.
+The multi-process tests' children (_multiworker_worker.py, _ps_cluster.py)
+use `FixedCandidates` and `exit_with_parent` from here too.
 """
+
+import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -58,13 +64,16 @@ class FixedCandidates(samplers.CandidateSampler):
     Args:
         num_items: catalog size.
         ids: int [K], or [N, K] with `per_replica=True`.
-        log_q: float, same shape as `ids`.
+        log_q: float, same shape as `ids`; None: -log(num_items) (uniform).
         per_replica: pick row r of ids / log_q in replica r.
     """
 
-    def __init__(self, num_items, ids, log_q, per_replica=False, **kwargs):
+    def __init__(self, num_items, ids, log_q=None, per_replica=False,
+                 **kwargs):
         super().__init__(num_items, seed=0, **kwargs)
         self.ids = np.asarray(ids, np.int64)
+        if log_q is None:
+            log_q = np.full(self.ids.shape, -np.log(num_items))
         self.log_q = np.asarray(log_q, np.float32)
         self.per_replica = per_replica
 
@@ -79,6 +88,28 @@ class FixedCandidates(samplers.CandidateSampler):
     def _log_prob(self, query, ids):
         return tf.fill(tf.shape(ids), -np.log(self.num_items).astype(
             np.float32))
+
+
+def exit_with_parent(max_lifetime_s):
+    """Exits this process when its parent goes away or after a deadline.
+
+    For the children of the multi-process tests: a worker whose peer died
+    waits in a collective forever and a server never returns from `join()`;
+    the test kills them, but if the test process itself dies they must not
+    linger.
+
+    Args:
+        max_lifetime_s: seconds after which the process exits regardless.
+    """
+    parent, start = os.getppid(), time.monotonic()
+
+    def watch():
+        while (os.getppid() == parent
+               and time.monotonic() - start < max_lifetime_s):
+            time.sleep(0.5)
+        os._exit(3)  # pylint: disable=protected-access
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def split(strategy, *arrays):
