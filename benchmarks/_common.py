@@ -12,14 +12,21 @@ import statistics
 import time
 
 
-def parse_args(description):
+def parser(description, repeats_default=5, repeats_help=None):
+    """The flags every benchmark takes (--json, --png, --quick, --repeats);
+    a benchmark adds its own to the parser it returns."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--json", default=None, help="write records here")
     parser.add_argument("--png", default=None, help="write a plot here")
     parser.add_argument("--quick", action="store_true",
                         help="reduced set, under two minutes")
-    parser.add_argument("--repeats", type=int, default=5)
-    return parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=repeats_default,
+                        help=repeats_help)
+    return parser
+
+
+def parse_args(description):
+    return parser(description).parse_args()
 
 
 def median_seconds(fn, repeats, warmup=1):

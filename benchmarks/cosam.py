@@ -61,7 +61,6 @@ repeats (~5 min on 2 idle cores; at C = 1M, B = 64 one process peaks at
 ~3.5 GB and a call takes ~7 s).
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -88,13 +87,9 @@ NOTE = ("Zipf(1.0) synthetic graph, U = C / 10, ~10 distinct edges per item; "
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", default=None, help="write records here")
-    p.add_argument("--png", default=None, help="write a plot here")
-    p.add_argument("--quick", action="store_true",
-                   help="reduced set, under two minutes")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls per figure (median; default 5, quick 3)")
+    p = _common.parser(
+        __doc__.splitlines()[0], repeats_default=None,
+        repeats_help="timed calls per figure (median; default 5, quick 3)")
     p.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="catalog sizes C (default 10k 100k 1M; quick: "
                    "10k 100k)")

@@ -26,7 +26,6 @@ refresh / build figures in the K = 64 record) and
 K, threads, alpha}. `--quick`: n in (10k, 100k), D = 32, 3 repeats.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -46,13 +45,9 @@ TARGET = 200_000  # draws / s / core at n = 100k, D = 32 (the issue's goal)
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", default=None, help="write records here")
-    p.add_argument("--png", default=None, help="write a plot here")
-    p.add_argument("--quick", action="store_true",
-                   help="reduced set, under two minutes")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed runs per figure (median; default 5, quick 3)")
+    p = _common.parser(
+        __doc__.splitlines()[0], repeats_default=None,
+        repeats_help="timed runs per figure (median; default 5, quick 3)")
     p.add_argument("--threads", type=int, default=1,
                    help="TensorFlow intra-op threads (1: per-core figures)")
     p.add_argument("--leaf-size", type=int, default=None,

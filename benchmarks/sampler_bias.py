@@ -61,7 +61,6 @@ Samplers that this version of tfrec_fast does not have are skipped with a
 printed note.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -84,14 +83,9 @@ MAX_LEN = 200
 
 
 def parse_args():
-    # _common's flags, with defaults suited to this benchmark.
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", default=None, help="write records here")
-    p.add_argument("--png", default=None, help="write a plot here")
-    p.add_argument("--quick", action="store_true",
-                   help="reduced set, under two minutes")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="draws per (sampler, K) (default 200, quick 8)")
+    p = _common.parser(
+        __doc__.splitlines()[0], repeats_default=None,
+        repeats_help="draws per (sampler, K) (default 200, quick 8)")
     p.add_argument("--ks", type=int, nargs="+", default=None,
                    help="K values (default 16 64 256 1024, quick 16 256)")
     p.add_argument("--rows", type=int, default=None,
