@@ -1,6 +1,6 @@
 // Helpers shared by the CUDA kernels (custom_ops/kernels/*.cu.cc): element
 // conversions, warp reductions, the running log-sum-exp merge, dynamic
-// shared memory, and on the host: device scoping and attributes, the
+// shared memory, the first-bad-position search, and on the host: device scoping and attributes, the
 // opt-in to large dynamic shared memory, workspace alignment and the
 // dispatch on the element type.
 //
@@ -100,6 +100,33 @@ __device__ __forceinline__ T* DynamicShared() {
   extern __shared__ float4 tfrec_dynamic_shared[];
   return reinterpret_cast<T*>(tfrec_dynamic_shared);
 #endif
+}
+
+// The smallest position p < n with bad(p), published with atomicMin into
+// *first_bad (set it to all bits, "none yet", before the launch). Each
+// thread walks a grid-stride sequence of positions, which increases, so the
+// first bad position a thread meets is its smallest: it publishes it and
+// stops. Now and then (not every step: the all-good case is the common one
+// and pays for each check) a thread also stops once a smaller bad position
+// is already known. Call from every thread of a 1-D grid.
+template <typename Bad>
+__device__ __forceinline__ void FindFirstBad(int64_t n, const Bad& bad,
+                                             unsigned long long* first_bad) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int step = 0;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x +
+                   threadIdx.x;
+       p < n; p += stride, ++step) {
+    if ((step & 15) == 15 &&
+        static_cast<unsigned long long>(p) >=
+            *static_cast<volatile unsigned long long*>(first_bad)) {
+      return;
+    }
+    if (bad(p)) {
+      atomicMin(first_bad, static_cast<unsigned long long>(p));
+      return;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------

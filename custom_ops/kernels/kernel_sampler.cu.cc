@@ -571,7 +571,7 @@ __global__ void __launch_bounds__(kThreads) DrawKernel(Args a) {
   }
 }
 
-// Smallest position of a non-finite value (validate_ids.cu.cc's scheme).
+// Smallest position of a non-finite value (gpu::FindFirstBad).
 __device__ __forceinline__ bool IsFinite(float x) {
   uint32_t bits;
   memcpy(&bits, &x, sizeof(bits));
@@ -580,21 +580,8 @@ __device__ __forceinline__ bool IsFinite(float x) {
 
 __global__ void FirstNonFiniteKernel(const float* __restrict__ x, int64_t n,
                                      unsigned long long* first_bad) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  int step = 0;
-  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x +
-                   threadIdx.x;
-       p < n; p += stride, ++step) {
-    if ((step & 15) == 15 &&
-        static_cast<unsigned long long>(p) >=
-            *static_cast<volatile unsigned long long*>(first_bad)) {
-      return;
-    }
-    if (!IsFinite(x[p])) {
-      atomicMin(first_bad, static_cast<unsigned long long>(p));
-      return;
-    }
-  }
+  gpu::FindFirstBad(n, [&](int64_t p) { return !IsFinite(x[p]); },
+                    first_bad);
 }
 
 template <int W>

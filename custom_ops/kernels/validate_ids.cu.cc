@@ -1,13 +1,11 @@
-// CUDA kernels for id-range validation (see validate_ids_gpu.h).
-//
-// Each thread walks a grid-stride sequence of positions, which increases, so
-// the first bad id a thread meets is its smallest; it publishes it with
-// atomicMin and stops. Threads skip the rest of their work once a smaller
-// bad position is already known.
+// CUDA kernels for id-range validation (see validate_ids_gpu.h): the first
+// bad position by gpu::FindFirstBad.
 #include "custom_ops/kernels/validate_ids_gpu.h"
 
 #include <algorithm>
 #include <cstdint>
+
+#include "custom_ops/kernels/gpu_kernel_helpers.cu.h"
 
 namespace tfrec_fast {
 namespace kernels {
@@ -21,25 +19,13 @@ template <typename Id>
 __global__ void FirstOutOfRangeKernel(const Id* __restrict__ ids, int64_t n,
                                       int64_t num_items,
                                       unsigned long long* first_bad) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  int step = 0;
-  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x +
-                   threadIdx.x;
-       p < n; p += stride, ++step) {
-    // Now and then: a bad position below p is already known, so nothing
-    // left here can beat it. (Not every step: the all-valid case is the
-    // common one and pays for each check.)
-    if ((step & 15) == 15 &&
-        static_cast<unsigned long long>(p) >=
-            *static_cast<volatile unsigned long long*>(first_bad)) {
-      return;
-    }
-    const int64_t id = static_cast<int64_t>(ids[p]);
-    if (id < 0 || id >= num_items) {
-      atomicMin(first_bad, static_cast<unsigned long long>(p));
-      return;
-    }
-  }
+  gpu::FindFirstBad(
+      n,
+      [&](int64_t p) {
+        const int64_t id = static_cast<int64_t>(ids[p]);
+        return id < 0 || id >= num_items;
+      },
+      first_bad);
 }
 
 }  // namespace

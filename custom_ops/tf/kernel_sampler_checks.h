@@ -1,4 +1,4 @@
-// Input checks of TfrecFastKernelSamplerDraw, shared by the CPU
+// Attribute and input checks of TfrecFastKernelSamplerDraw, shared by the CPU
 // (kernel_sampler_op.cc) and GPU (kernel_sampler_op_gpu.cc) kernels so both
 // check in the same order and say exactly the same thing. The finiteness
 // of the query is checked by each device its own way, after these.
@@ -7,13 +7,28 @@
 
 #include <cstdint>
 
+#include <cmath>
+
 #include "custom_ops/kernels/kernel_sampler.h"
+#include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/platform/errors.h"
 
 namespace tensorflow {
 namespace tfrec_fast_internal {
+
+// The draw op's attributes: alpha (finite, > 0) and leaf_size.
+inline Status ReadDrawAttrs(OpKernelConstruction* ctx, float* alpha,
+                            int64_t* leaf_size) {
+  TF_RETURN_IF_ERROR(ctx->GetAttr("alpha", alpha));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("leaf_size", leaf_size));
+  if (!(std::isfinite(*alpha) && *alpha > 0.0f)) {
+    return errors::InvalidArgument("alpha must be a finite number > 0, got ",
+                                   *alpha);
+  }
+  return OkStatus();
+}
 
 // Checks the layout sizes: tree [2 ceil(C / L), S(D)] for C items of width D.
 inline Status CheckTreeShape(

@@ -41,6 +41,7 @@ namespace {
 
 namespace ks = ::tfrec_fast::kernels::kernel_sampler;
 using tfrec_fast_internal::CheckDrawInputs;
+using tfrec_fast_internal::ReadDrawAttrs;
 using tfrec_fast_internal::CheckTreeShape;
 using shape_inference::DimensionHandle;
 using shape_inference::InferenceContext;
@@ -163,11 +164,7 @@ Status NonFiniteError(const std::string& name, const float* x, int64_t flat,
 class KernelSamplerDrawOp : public OpKernel {
  public:
   explicit KernelSamplerDrawOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("alpha", &alpha_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("leaf_size", &leaf_size_));
-    OP_REQUIRES(ctx, std::isfinite(alpha_) && alpha_ > 0.0f,
-                errors::InvalidArgument("alpha must be a finite number > 0, "
-                                        "got ", alpha_));
+    OP_REQUIRES_OK(ctx, ReadDrawAttrs(ctx, &alpha_, &leaf_size_));
   }
 
   void Compute(OpKernelContext* ctx) override {

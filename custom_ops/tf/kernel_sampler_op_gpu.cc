@@ -41,6 +41,7 @@ namespace ks = ::tfrec_fast::kernels::kernel_sampler;
 namespace tk = ::tfrec_fast::kernels;
 using tfrec_fast_internal::AllocateGpuWorkspace;
 using tfrec_fast_internal::CheckDrawInputs;
+using tfrec_fast_internal::ReadDrawAttrs;
 using tfrec_fast_internal::CudaStatus;
 using tfrec_fast_internal::GetGpuContext;
 using tfrec_fast_internal::GpuContext;
@@ -97,11 +98,7 @@ Status CheckFiniteQuery(OpKernelContext* ctx, const GpuContext& gpu,
 class KernelSamplerDrawGpuOp : public OpKernel {
  public:
   explicit KernelSamplerDrawGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("alpha", &alpha_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("leaf_size", &leaf_size_));
-    OP_REQUIRES(ctx, std::isfinite(alpha_) && alpha_ > 0.0f,
-                errors::InvalidArgument("alpha must be a finite number > 0, "
-                                        "got ", alpha_));
+    OP_REQUIRES_OK(ctx, ReadDrawAttrs(ctx, &alpha_, &leaf_size_));
   }
 
   void Compute(OpKernelContext* ctx) override {
