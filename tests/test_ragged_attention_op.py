@@ -5,7 +5,9 @@ meaning) in values and in gradients with respect to queries, keys and values,
 for causal and bidirectional attention, on adversarial batches (rows of
 length 1, empty rows, one long row among short ones, no rows at all) and on
 random small shapes; bad row_splits and mismatched shapes fail with errors
-that name the argument.
+that name the argument. The q/k/v-packed op (TfrecFastRaggedAttentionQkvPacked:
+one [T, 3, H, D] tensor read and differentiated in place) must equal the
+unpacked op bit for bit.
 """
 
 import os
@@ -82,6 +84,7 @@ def _assert_fused_matches_reference(q, k, v, w, splits, causal, scale=None,
 def test_exports():
     assert ops.ragged_attention is ra.ragged_attention
     assert ops.ragged_attention_reference is ra.ragged_attention_reference
+    assert ops.ragged_attention_qkvpacked is ra.ragged_attention_qkvpacked
 
 
 @needs_library
@@ -341,6 +344,18 @@ _ISA_SCRIPT = textwrap.dedent("""
             for a, b in zip(*res):
                 np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-5,
                                            rtol=2e-5)
+            qkv = tf.stack([q, k, tf.reverse(q, [0])], axis=1)
+            res = []
+            for fused in (True, False):
+                with tf.GradientTape() as tape:
+                    tape.watch(qkv)
+                    out = ops.ragged_attention_qkvpacked(
+                        qkv, splits, causal, use_fused=fused)
+                    loss = tf.reduce_sum(out * tf.reverse(q, [1]))
+                res.append([out, tape.gradient(loss, qkv)])
+            for a, b in zip(*res):
+                np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-5,
+                                           rtol=2e-5)
     print("ok")
 """)
 
@@ -373,3 +388,194 @@ def test_property_fused_equals_reference(batch):
     lengths, heads, head_dim, value_dim, causal, scale, seed = batch
     q, k, v, w, splits = _case(lengths, heads, head_dim, value_dim, seed=seed)
     _assert_fused_matches_reference(q, k, v, w, splits, causal, scale=scale)
+
+
+# ------------------------------------------------- q/k/v packed [T, 3, H, D]
+
+def _qkv_case(lengths, heads, dim, seed=0, magnitude=1.0, dtype=tf.float32):
+    """Random qkv [T, 3, H, D], cotangent [T, H, D] and int64 row_splits."""
+    q, k, v, w, splits = _case(lengths, heads, dim, seed=seed,
+                               magnitude=magnitude, dtype=dtype)
+    return tf.stack([q, k, v], axis=1), w, splits
+
+
+def _qkvpacked_forward_backward(qkv, w, splits, causal, use_fused,
+                                scale=None):
+    with tf.GradientTape() as tape:
+        tape.watch(qkv)
+        out = ra.ragged_attention_qkvpacked(qkv, splits, causal=causal,
+                                            scale=scale, use_fused=use_fused)
+        loss = tf.reduce_sum(tf.cast(out, tf.float32) * tf.cast(w,
+                                                                 tf.float32))
+    return out, tf.convert_to_tensor(tape.gradient(loss, qkv))
+
+
+def _assert_qkvpacked_is_the_unpacked_op(qkv, w, splits, causal, scale=None,
+                                         tol=2e-5):
+    """Packed fused == unpacked fused exactly (the same arithmetic, with
+    strided reads and writes), and the unpacked op == the reference."""
+    out, d_qkv = _qkvpacked_forward_backward(qkv, w, splits, causal, True,
+                                             scale)
+    q, k, v = tf.unstack(qkv, 3, axis=1)
+    want = _assert_fused_matches_reference(q, k, v, w, splits, causal, scale,
+                                           atol=tol, rtol=tol)
+    assert out.dtype == want[0].dtype and d_qkv.shape == qkv.shape
+    np.testing.assert_array_equal(out.numpy(), want[0].numpy())
+    np.testing.assert_array_equal(d_qkv.numpy(),
+                                  tf.stack(want[1:], axis=1).numpy())
+
+
+@needs_library
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("lengths, heads, dim", [
+    ([3, 1, 0, 17, 64, 5, 0, 33, 1], 2, 32),  # short, length-1 and empty rows
+    ([9, 1, 30], 3, 5),  # D not a whole vector
+    ([5, 2000, 1, 9, 0, 3], 1, 8),  # one long row: split items, reduce
+    ([600, 300, 2], 4, 16),  # several key blocks
+    ([200, 57], 1, 64),
+], ids=["short", "odd-D", "long-row", "key-blocks", "D=64"])
+def test_qkvpacked_equals_unpacked_op_and_reference(causal, lengths, heads,
+                                                    dim):
+    _assert_qkvpacked_is_the_unpacked_op(
+        *_qkv_case(lengths, heads, dim, seed=len(lengths)), causal)
+
+
+@needs_library
+@pytest.mark.parametrize("lengths", [[], [0], [0, 0, 0]],
+                         ids=["B=0", "B=1 empty", "B=3 empty"])
+def test_qkvpacked_no_tokens(lengths):
+    qkv, w, splits = _qkv_case(lengths, 2, 4)
+    out, d_qkv = _qkvpacked_forward_backward(qkv, w, splits, True, True)
+    assert out.shape == (0, 2, 4) and d_qkv.shape == (0, 3, 2, 4)
+
+
+@needs_library
+@pytest.mark.parametrize("dtype, tol", [(tf.float16, 2e-3),
+                                        (tf.bfloat16, 2e-2)])
+def test_qkvpacked_half_precision(dtype, tol):
+    qkv, w, splits = _qkv_case([6, 1, 20], 2, 8, seed=7, dtype=dtype)
+    _assert_qkvpacked_is_the_unpacked_op(qkv, w, splits, True, tol=tol)
+
+
+@needs_library
+def test_qkvpacked_inside_tf_function_with_unknown_shapes():
+    spec = tf.TensorSpec([None, 3, 2, 8], tf.float32)
+
+    @tf.function(input_signature=[spec, tf.TensorSpec([None, 2, 8]),
+                                  tf.TensorSpec([None], tf.int64)])
+    def step(qkv, w, splits):
+        with tf.GradientTape() as tape:
+            tape.watch(qkv)
+            out = ops.ragged_attention_qkvpacked(qkv, splits, causal=False)
+            loss = tf.reduce_sum(out * w)
+        return out, tape.gradient(loss, qkv)
+
+    types = {op.type for op in step.get_concrete_function().graph
+             .get_operations()}
+    assert {"TfrecFastRaggedAttentionQkvPacked",
+            "TfrecFastRaggedAttentionQkvPackedGrad"} <= types
+    assert "TfrecFastRaggedAttention" not in types  # no split, no concat
+    for lengths in ([4, 0, 11], [1], []):
+        qkv, w, splits = _qkv_case(lengths, 2, 8, seed=5)
+        got = step(qkv, w, splits)
+        want = _qkvpacked_forward_backward(qkv, w, splits, False, False)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=ATOL,
+                                       rtol=RTOL)
+
+
+def test_qkvpacked_use_fused_false_is_the_reference():
+    qkv, _, splits = _qkv_case([4, 0, 2], 2, 4, seed=9)
+    got = ops.ragged_attention_qkvpacked(qkv, splits, use_fused=False)
+    want = ops.ragged_attention_reference(*tf.unstack(qkv, 3, axis=1),
+                                          splits)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def test_qkvpacked_where_a_gpu_is_visible_runs_the_unpacked_op(monkeypatch):
+    # The packed op has no CUDA kernel: the slices go to ragged_attention,
+    # whose CUDA kernels run on the GPU.
+    calls = []
+
+    def spy(q, k, v, row_splits, causal=True, scale=None, use_fused=None):
+        calls.append((q.shape.as_list(), v.shape.as_list(), use_fused))
+        return ops.ragged_attention_reference(q, k, v, row_splits, causal,
+                                              scale)
+
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    monkeypatch.setattr(ra, "ragged_attention", spy)
+    qkv, _, splits = _qkv_case([4, 2], 2, 4, seed=11)
+    out = ops.ragged_attention_qkvpacked(qkv, splits)
+    assert calls == [([6, 2, 4], [6, 2, 4], None)]
+    assert out.shape == (6, 2, 4)
+
+
+@needs_library
+def test_qkvpacked_float64_falls_back_unless_fused_is_required():
+    qkv, _, splits = _qkv_case([4, 2], 1, 4, seed=8, dtype=tf.float64)
+    got = ops.ragged_attention_qkvpacked(qkv, splits)
+    assert got.dtype == tf.float64
+    with pytest.raises(ValueError, match="float64"):
+        ops.ragged_attention_qkvpacked(qkv, splits, use_fused=True)
+
+
+@pytest.mark.parametrize("use_fused", [
+    pytest.param(True, id="fused", marks=needs_library),
+    pytest.param(False, id="reference")])
+@pytest.mark.parametrize("change, message", [
+    (lambda qkv, s: (qkv[:, 0], s), r"qkv must be packed \[T, 3, H, D\]"),
+    (lambda qkv, s: (qkv[:, :2], s), r"qkv must be packed .*\(5, 2, 2, 4\)"),
+    (lambda qkv, s: (tf.cast(qkv, tf.int32), s), "qkv must be floating"),
+    (lambda qkv, s: (qkv, s[tf.newaxis]), "row_splits must be"),
+    (lambda qkv, s: (qkv, tf.cast(s, tf.float32)),
+     "row_splits must be integer"),
+], ids=["rank", "not-3", "int", "splits-rank", "splits-float"])
+def test_qkvpacked_static_mismatches_name_the_argument(use_fused, change,
+                                                       message):
+    qkv, _, splits = _qkv_case([5], 2, 4)
+    with pytest.raises(ValueError, match=message):
+        ops.ragged_attention_qkvpacked(*change(qkv, splits),
+                                       use_fused=use_fused)
+
+
+@needs_library
+def test_qkvpacked_run_time_errors_name_the_argument():
+    module = LIB.module()
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32),
+                                  tf.TensorSpec(None, tf.int64)])
+    def fused(qkv, s):
+        return module.tfrec_fast_ragged_attention_qkv_packed(
+            qkv, s, scale=0.5)[0]
+
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"qkv must be packed \[T, 3, H, D\]"):
+        fused(tf.zeros([5, 2, 1, 4]), tf.constant([0, 5], tf.int64))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"row_splits\[0\] must be 0, got 2"):
+        fused(tf.zeros([5, 3, 1, 4]), tf.constant([2, 5], tf.int64))
+    qkv, w, splits = _qkv_case([5], 1, 4)
+    out, lse = module.tfrec_fast_ragged_attention_qkv_packed(qkv, splits,
+                                                             scale=0.5)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"row_splits\[-1\].* = 4 must equal"):
+        module.tfrec_fast_ragged_attention_qkv_packed_grad(
+            qkv, tf.constant([0, 4], tf.int64), out, lse, w, scale=0.5)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError),
+                       match="logsumexp"):
+        module.tfrec_fast_ragged_attention_qkv_packed_grad(
+            qkv, splits, out, lse[:3], w, scale=0.5)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError),
+                       match="d_out"):
+        module.tfrec_fast_ragged_attention_qkv_packed_grad(
+            qkv, splits, out, lse, w[:, :, :2], scale=0.5)
+
+
+@needs_library
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(_batches())
+def test_property_qkvpacked_equals_unpacked_op(batch):
+    lengths, heads, head_dim, _, causal, scale, seed = batch
+    _assert_qkvpacked_is_the_unpacked_op(
+        *_qkv_case(lengths, heads, head_dim, seed=seed), causal, scale)

@@ -201,19 +201,34 @@ def test_attention_dispatch_passes_use_fused(monkeypatch):
         return attention_ops.ragged_attention_reference(q, k, v, row_splits,
                                                         causal, scale)
 
+    def spy_qkvpacked(qkv, row_splits, causal=True, scale=None,
+                      use_fused=None):
+        calls.append(("qkvpacked", causal, use_fused))
+        return attention_ops.ragged_attention_reference(
+            *tf.unstack(qkv, 3, axis=1), row_splits, causal, scale)
+
     monkeypatch.setattr(attention_ops, "ragged_attention", spy, raising=False)
+    monkeypatch.setattr(attention_ops, "ragged_attention_qkvpacked",
+                        spy_qkvpacked, raising=False)
     x = _ragged([2, 3], 4)
     layer = layers.RaggedMultiHeadAttention(1, 4, causal=False,
                                             use_fused=True)
-    layer(x)
+    layer(x)  # self-attention, key_dim == value_dim: one packed tensor
+    assert calls == [("qkvpacked", False, True)]
+    wide_values = layers.RaggedMultiHeadAttention(1, 4, value_dim=3,
+                                                  causal=False)
+    wide_values(x)  # q/k and v widths differ: three tensors
+    assert calls[-1] == (False, None)
+    del calls[:]
     layer(x, use_fused=False)  # call-time override: reference, no dispatch
-    assert calls == [(False, True)]
+    wide_values(x, use_fused=False)
+    assert calls == [("qkvpacked", False, False)]
     encoder = layers.SequenceEncoder(8, 4, num_blocks=1, dropout=0.0)
     encoder(x)
-    assert calls[-1] == (True, None)
+    assert calls[-1] == ("qkvpacked", True, None)
     count = len(calls)
     encoder.call_padded(x.to_tensor(), x.row_lengths())  # serving: reference
-    assert len(calls) == count
+    assert calls[count:] and all(c[-1] is False for c in calls[count:])
 
 
 def test_use_fused_true_without_fused_op_fails(monkeypatch):

@@ -199,7 +199,8 @@ void RaggedAttentionReduce(const RaggedAttentionDims& dims,
                            const RaggedAttentionBackwardArgs& args,
                            const RaggedAttentionPlan& plan, int64_t begin,
                            int64_t end) {
-  const int64_t H = dims.num_heads, Dh = dims.head_dim, Dv = dims.value_dim;
+  const int64_t Dh = dims.head_dim, Dv = dims.value_dim;
+  const int64_t qs = dims.QKStride(), vs = dims.VStride();
   std::vector<float> acc(static_cast<size_t>(Dh + Dv));
   for (int64_t u = begin; u < end; ++u) {
     const RaggedAttentionReduceUnit& unit = plan.reduce_units[u];
@@ -215,9 +216,11 @@ void RaggedAttentionReduce(const RaggedAttentionDims& dims,
         for (int64_t d = 0; d < Dh; ++d) acc[d] += pk[d];
         for (int64_t c = 0; c < Dv; ++c) acc[Dh + c] += pv[c];
       }
-      const int64_t t = (split.start + j) * H + split.head;
-      std::copy(acc.begin(), acc.begin() + Dh, args.dk + t * Dh);
-      std::copy(acc.begin() + Dh, acc.end(), args.dv + t * Dv);
+      const int64_t t = split.start + j;
+      std::copy(acc.begin(), acc.begin() + Dh,
+                args.dk + t * qs + split.head * Dh);
+      std::copy(acc.begin() + Dh, acc.end(),
+                args.dv + t * vs + split.head * Dv);
     }
   }
 }

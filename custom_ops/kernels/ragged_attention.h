@@ -4,7 +4,9 @@
 // Layout (FlashAttention's varlen API and tf.RaggedTensor's): the T tokens of
 // B sequences are packed along axis 0, row_splits [B + 1] gives sequence b
 // the tokens [row_splits[b], row_splits[b + 1]); q and k are [T, H, Dh], v and
-// out are [T, H, Dv], the per-row log-sum-exp is [T, H]. Token i of a sequence
+// out are [T, H, Dv], the per-row log-sum-exp is [T, H] (or q, k, v are the
+// three slices of one [T, 3, H, D] tensor: RaggedAttentionDims::
+// qkv_token_stride). Token i of a sequence
 // attends to the tokens j of the same sequence with j <= i (causal) or to all
 // of them (bidirectional):
 //
@@ -50,6 +52,20 @@ struct RaggedAttentionDims {
   int64_t value_dim = 0;   // Dv (values and output)
   bool causal = true;
   float scale = 1.0f;
+  // Floats from one token's row of q (and k, v, dq, dk, dv) to the next.
+  // 0: the dense [T, H, Dh] / [T, H, Dv] layouts (H * Dh, H * Dv). A
+  // q/k/v-packed [T, 3, H, D] tensor (FlashAttention's qkvpacked) passes
+  // 3 * H * D with k and v pointing D * H and 2 * D * H floats in, so the
+  // projection's output is read and its gradient written without a split
+  // or a concat. out, d_out and logsumexp are always dense.
+  int64_t qkv_token_stride = 0;
+
+  int64_t QKStride() const {
+    return qkv_token_stride ? qkv_token_stride : num_heads * head_dim;
+  }
+  int64_t VStride() const {
+    return qkv_token_stride ? qkv_token_stride : num_heads * value_dim;
+  }
 };
 
 // Query rows [q_begin, q_end) of one head of one sequence.

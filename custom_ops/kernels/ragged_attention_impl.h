@@ -39,9 +39,10 @@ void ForwardItem(const RaggedAttentionDims& dims,
   const int64_t nkeys = it.key_end;
   const int64_t np = RoundUp(nkeys);
   const float ninf = -std::numeric_limits<float>::infinity();
-  const float* q0 = args.q + (it.start * H + it.head) * Dh;
-  const float* k0 = args.k + (it.start * H + it.head) * Dh;
-  const float* v0 = args.v + (it.start * H + it.head) * Dv;
+  const int64_t qs = dims.QKStride(), vs = dims.VStride();
+  const float* q0 = args.q + it.start * qs + it.head * Dh;
+  const float* k0 = args.k + it.start * qs + it.head * Dh;
+  const float* v0 = args.v + it.start * vs + it.head * Dv;
   float* out0 = args.out + (it.start * H + it.head) * Dv;
   float* lse0 = args.lse + it.start * H + it.head;
 
@@ -50,14 +51,14 @@ void ForwardItem(const RaggedAttentionDims& dims,
   float* qb = scratch->q.Get(R * Dh);
   float* S = scratch->s.Get(R * kKeyBlock);
   float* O = scratch->o.Get(R * Dvp);
-  PackTransposed(k0, H * Dh, nkeys, Dh, np, kT);
-  PackRows(v0, H * Dv, nkeys, Dv, Dvp, np, vp);
+  PackTransposed(k0, qs, nkeys, Dh, np, kT);
+  PackRows(v0, vs, nkeys, Dv, Dvp, np, vp);
 
   float m[R], l[R];
   for (int64_t i0 = it.q_begin; i0 < it.q_end; i0 += R) {
     const int64_t rows = std::min<int64_t>(R, it.q_end - i0);
     for (int r = 0; r < R; ++r) {
-      const float* src = q0 + (i0 + r) * H * Dh;
+      const float* src = q0 + (i0 + r) * qs;
       for (int64_t d = 0; d < Dh; ++d) qb[r * Dh + d] = r < rows ? src[d] : 0;
       m[r] = ninf;
       l[r] = 0.0f;
@@ -120,13 +121,15 @@ void BackwardItem(const RaggedAttentionDims& dims,
   const int64_t nkeys = it.key_end;
   const int64_t np = RoundUp(nkeys);
   const float scale = dims.scale;
-  const int64_t qoff = (it.start * H + it.head) * Dh;
-  const int64_t voff = (it.start * H + it.head) * Dv;
+  const int64_t qs = dims.QKStride(), vs = dims.VStride();
+  const int64_t qoff = it.start * qs + it.head * Dh;  // q, k, dq, dk
+  const int64_t voff = it.start * vs + it.head * Dv;  // v, dv
+  const int64_t ooff = (it.start * H + it.head) * Dv;  // out, d_out (dense)
   const float* q0 = args.q + qoff;
   const float* k0 = args.k + qoff;
   const float* v0 = args.v + voff;
-  const float* out0 = args.out + voff;
-  const float* dout0 = args.d_out + voff;
+  const float* out0 = args.out + ooff;
+  const float* dout0 = args.d_out + ooff;
   const float* lse0 = args.lse + it.start * H + it.head;
 
   float* kT = scratch->kT.Get(Dh * np);
@@ -139,9 +142,9 @@ void BackwardItem(const RaggedAttentionDims& dims,
   float* S = scratch->s.Get(R * kKeyBlock);
   float* dS = scratch->ds.Get(R * kKeyBlock);
   float* dq = scratch->dq.Get(R * Dhp);
-  PackTransposed(k0, H * Dh, nkeys, Dh, np, kT);
-  PackTransposed(v0, H * Dv, nkeys, Dv, np, vT);
-  PackRows(k0, H * Dh, nkeys, Dh, Dhp, np, kp);
+  PackTransposed(k0, qs, nkeys, Dh, np, kT);
+  PackTransposed(v0, vs, nkeys, Dv, np, vT);
+  PackRows(k0, qs, nkeys, Dh, Dhp, np, kp);
   std::memset(dk, 0, sizeof(float) * np * Dhp);
   std::memset(dv, 0, sizeof(float) * np * Dvp);
 
@@ -158,7 +161,7 @@ void BackwardItem(const RaggedAttentionDims& dims,
       row_d[r] = 0.0f;
       if (r >= rows) continue;
       const int64_t t = (i0 + r) * H;
-      for (int64_t d = 0; d < Dh; ++d) qr[d] = q0[t * Dh + d];
+      for (int64_t d = 0; d < Dh; ++d) qr[d] = q0[(i0 + r) * qs + d];
       float dot = 0.0f;
       for (int64_t c = 0; c < Dv; ++c) {
         dr[c] = dout0[t * Dv + c];
@@ -202,14 +205,14 @@ void BackwardItem(const RaggedAttentionDims& dims,
       AccumulateTile<R>(dS, kKeyBlock, nk, kp + kb * Dhp, Dhp, Dhp, dq, Dhp);
     }
     for (int64_t r = 0; r < rows; ++r) {
-      float* dst = args.dq + qoff + (i0 + r) * H * Dh;
+      float* dst = args.dq + qoff + (i0 + r) * qs;
       for (int64_t d = 0; d < Dh; ++d) dst[d] = dq[r * Dhp + d];
     }
   }
   if (it.partial < 0) {  // owns the whole (sequence, head)
     for (int64_t j = 0; j < nkeys; ++j) {
-      float* dkr = args.dk + qoff + j * H * Dh;
-      float* dvr = args.dv + voff + j * H * Dv;
+      float* dkr = args.dk + qoff + j * qs;
+      float* dvr = args.dv + voff + j * vs;
       for (int64_t d = 0; d < Dh; ++d) dkr[d] = dk[j * Dhp + d];
       for (int64_t c = 0; c < Dv; ++c) dvr[c] = dv[j * Dvp + c];
     }

@@ -53,26 +53,42 @@ inline Status CheckPacked(const Tensor& q, const Tensor& k, const Tensor& v,
   return OkStatus();
 }
 
-// Shapes of the gradient op's extra inputs: out and d_out [T, H, Dv],
-// logsumexp [T, H].
-inline Status CheckGradInputs(const Tensor& q, const Tensor& v,
-                              const Tensor& out, const Tensor& lse,
-                              const Tensor& d_out) {
-  if (out.shape() != v.shape()) {
+// "qkv [T, 3, H, D]" shape check of the q/k/v-packed ops.
+inline Status CheckQkvPacked(const Tensor& qkv, const Tensor& splits) {
+  if (qkv.dims() != 4 || qkv.dim_size(1) != 3) {
+    return errors::InvalidArgument(
+        "qkv must be packed [T, 3, H, D] (queries, keys, values), got shape ",
+        qkv.shape().DebugString());
+  }
+  if (splits.dims() != 1 || splits.dim_size(0) < 1) {
+    return errors::InvalidArgument(
+        "row_splits must be a vector [B + 1] with at least one entry, got "
+        "shape ",
+        splits.shape().DebugString());
+  }
+  return OkStatus();
+}
+
+// Shapes of the gradient ops' extra inputs: out and d_out of `out_shape`
+// ([T, H, Dv], the shape of the forward's output), logsumexp [T, H].
+inline Status CheckGradInputs(const TensorShape& out_shape, const Tensor& out,
+                              const Tensor& lse, const Tensor& d_out) {
+  const char* what = "the forward's out ";
+  if (out.shape() != out_shape) {
     return errors::InvalidArgument("out ", out.shape().DebugString(),
-                                   " must have the shape of values ",
-                                   v.shape().DebugString());
+                                   " must have the shape of ", what,
+                                   out_shape.DebugString());
   }
-  if (d_out.shape() != v.shape()) {
+  if (d_out.shape() != out_shape) {
     return errors::InvalidArgument("d_out ", d_out.shape().DebugString(),
-                                   " must have the shape of values ",
-                                   v.shape().DebugString());
+                                   " must have the shape of ", what,
+                                   out_shape.DebugString());
   }
-  if (lse.dims() != 2 || lse.dim_size(0) != q.dim_size(0) ||
-      lse.dim_size(1) != q.dim_size(1)) {
-    return errors::InvalidArgument("logsumexp must be [T, H] = [",
-                                   q.dim_size(0), ", ", q.dim_size(1),
-                                   "], got shape ", lse.shape().DebugString());
+  if (lse.dims() != 2 || lse.dim_size(0) != out_shape.dim_size(0) ||
+      lse.dim_size(1) != out_shape.dim_size(1)) {
+    return errors::InvalidArgument(
+        "logsumexp must be [T, H] = [", out_shape.dim_size(0), ", ",
+        out_shape.dim_size(1), "], got shape ", lse.shape().DebugString());
   }
   return OkStatus();
 }

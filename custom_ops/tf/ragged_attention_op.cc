@@ -1,6 +1,9 @@
 // TfrecFastRaggedAttention / TfrecFastRaggedAttentionGrad: padding-free
 // softmax attention over packed sequences (values + row_splits), CPU kernels
 // from custom_ops/kernels/ragged_attention.h on TF's intra-op thread pool.
+// TfrecFastRaggedAttentionQkvPacked(Grad): the same on one [T, 3, H, D]
+// q/k/v tensor, read and differentiated in place (CPU only; on a GPU the
+// Python wrapper slices it for TfrecFastRaggedAttention's CUDA kernels).
 //
 // Half and bfloat16 inputs are converted to float32 for the kernel and the
 // results back (the reference computes in float32 as well); logsumexp is
@@ -29,6 +32,7 @@ using tfrec_fast_internal::AllocateOutput;
 using tfrec_fast_internal::AsFloat;
 using tfrec_fast_internal::CheckGradInputs;
 using tfrec_fast_internal::CheckPacked;
+using tfrec_fast_internal::CheckQkvPacked;
 using tfrec_fast_internal::CpuThreadPool;
 using tfrec_fast_internal::FromFloat;
 using tfrec_fast_internal::ReadRowSplits;
@@ -130,6 +134,66 @@ logsumexp: The forward op's `logsumexp`.
 d_out: [T, H, Dv] gradient of the loss with respect to `out`.
 )doc");
 
+REGISTER_OP("TfrecFastRaggedAttentionQkvPacked")
+    .Input("qkv: T")
+    .Input("row_splits: Tsplits")
+    .Output("out: T")
+    .Output("logsumexp: float")
+    .Attr("T: {float, half, bfloat16}")
+    .Attr("Tsplits: {int32, int64} = DT_INT64")
+    .Attr("causal: bool = true")
+    .Attr("scale: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle qkv, splits;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &qkv));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 1, &splits));
+      DimensionHandle three;
+      TF_RETURN_IF_ERROR(c->WithValue(c->Dim(qkv, 1), 3, &three));
+      c->set_output(0, c->MakeShape({c->Dim(qkv, 0), c->Dim(qkv, 2),
+                                     c->Dim(qkv, 3)}));
+      c->set_output(1, c->Matrix(c->Dim(qkv, 0), c->Dim(qkv, 2)));
+      return OkStatus();
+    })
+    .Doc(R"doc(
+TfrecFastRaggedAttention on queries, keys and values packed in one tensor
+(FlashAttention's qkvpacked): queries = qkv[:, 0], keys = qkv[:, 1],
+values = qkv[:, 2], read in place (no split).
+
+qkv: [T, 3, H, D] packed queries, keys and values.
+row_splits: [B + 1] sequence boundaries: 0, non-decreasing, ending at T.
+out: [T, H, D] attention output.
+logsumexp: [T, H] float32 log sum_j exp(scale * q_i . k_j) (for the gradient).
+causal: Whether token i sees only tokens j <= i of its sequence.
+scale: Score multiplier (usually 1 / sqrt(D)).
+)doc");
+
+REGISTER_OP("TfrecFastRaggedAttentionQkvPackedGrad")
+    .Input("qkv: T")
+    .Input("row_splits: Tsplits")
+    .Input("out: T")
+    .Input("logsumexp: float")
+    .Input("d_out: T")
+    .Output("d_qkv: T")
+    .Attr("T: {float, half, bfloat16}")
+    .Attr("Tsplits: {int32, int64} = DT_INT64")
+    .Attr("causal: bool = true")
+    .Attr("scale: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle qkv;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &qkv));
+      c->set_output(0, qkv);
+      return OkStatus();
+    })
+    .Doc(R"doc(
+Gradient of TfrecFastRaggedAttentionQkvPacked with respect to qkv, written
+as one [T, 3, H, D] tensor (no concat).
+
+out: The forward op's `out`.
+logsumexp: The forward op's `logsumexp`.
+d_out: [T, H, D] gradient of the loss with respect to `out`.
+d_qkv: [T, 3, H, D] gradient with respect to qkv.
+)doc");
+
 tfrec_fast::kernels::RaggedAttentionDims Dims(const Tensor& q,
                                               const Tensor& v, bool causal,
                                               float scale) {
@@ -141,6 +205,68 @@ tfrec_fast::kernels::RaggedAttentionDims Dims(const Tensor& q,
   dims.causal = causal;
   dims.scale = scale;
   return dims;
+}
+
+// Dims of qkv [T, 3, H, D]: q, k, v are its three slices, one token every
+// 3 H D floats.
+tfrec_fast::kernels::RaggedAttentionDims QkvPackedDims(const Tensor& qkv,
+                                                       bool causal,
+                                                       float scale) {
+  tfrec_fast::kernels::RaggedAttentionDims dims;
+  dims.num_tokens = qkv.dim_size(0);
+  dims.num_heads = qkv.dim_size(2);
+  dims.head_dim = qkv.dim_size(3);
+  dims.value_dim = qkv.dim_size(3);
+  dims.causal = causal;
+  dims.scale = scale;
+  dims.qkv_token_stride = 3 * dims.num_heads * dims.head_dim;
+  return dims;
+}
+
+// The forward on the intra-op pool; `args` points at float32 data.
+void RunForward(OpKernelContext* ctx, const std::vector<int64_t>& row_splits,
+                const tfrec_fast::kernels::RaggedAttentionDims& dims,
+                const tfrec_fast::kernels::RaggedAttentionForwardArgs& args) {
+  const auto plan = tfrec_fast::kernels::PlanRaggedAttention(
+      row_splits.data(), static_cast<int64_t>(row_splits.size()) - 1, dims,
+      CpuThreadPool(ctx)->NumThreads());
+  RunWorkers(ctx, static_cast<int64_t>(plan.items.size()),
+             [&](std::atomic<int64_t>* next) {
+               tfrec_fast::kernels::RaggedAttentionForwardWorker(
+                   dims, args, plan, next);
+             });
+}
+
+// The backward on the intra-op pool, then the sum of split items' partial
+// dK, dV; `args` points at float32 data (workspace: allocated here).
+void RunBackward(OpKernelContext* ctx, const std::vector<int64_t>& row_splits,
+                 const tfrec_fast::kernels::RaggedAttentionDims& dims,
+                 tfrec_fast::kernels::RaggedAttentionBackwardArgs args) {
+  auto* pool = CpuThreadPool(ctx);
+  const auto plan = tfrec_fast::kernels::PlanRaggedAttention(
+      row_splits.data(), static_cast<int64_t>(row_splits.size()) - 1, dims,
+      pool->NumThreads());
+  Tensor workspace;
+  if (plan.workspace_floats > 0) {
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(
+                            DT_FLOAT, TensorShape({plan.workspace_floats}),
+                            &workspace));
+    args.workspace = workspace.flat<float>().data();
+  }
+  RunWorkers(ctx, static_cast<int64_t>(plan.items.size()),
+             [&](std::atomic<int64_t>* next) {
+               tfrec_fast::kernels::RaggedAttentionBackwardWorker(
+                   dims, args, plan, next);
+             });
+  const int64_t units = static_cast<int64_t>(plan.reduce_units.size());
+  if (units > 0) {
+    const int64_t width = dims.head_dim + dims.value_dim;
+    pool->ParallelFor(units, /*cost_per_unit=*/64 * 4 * width,
+                      [&](int64_t begin, int64_t end) {
+                        tfrec_fast::kernels::RaggedAttentionReduce(
+                            dims, args, plan, begin, end);
+                      });
+  }
 }
 
 template <typename T>
@@ -172,22 +298,13 @@ class RaggedAttentionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, q, &qf));
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, k, &kf));
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, v, &vf));
-
-    auto* pool = CpuThreadPool(ctx);
-    const auto plan = tfrec_fast::kernels::PlanRaggedAttention(
-        row_splits.data(), static_cast<int64_t>(row_splits.size()) - 1, dims,
-        pool->NumThreads());
     tfrec_fast::kernels::RaggedAttentionForwardArgs args;
     args.q = qf.flat<float>().data();
     args.k = kf.flat<float>().data();
     args.v = vf.flat<float>().data();
     args.out = out_f.flat<float>().data();
     args.lse = lse->flat<float>().data();
-    RunWorkers(ctx, static_cast<int64_t>(plan.items.size()),
-               [&](std::atomic<int64_t>* next) {
-                 tfrec_fast::kernels::RaggedAttentionForwardWorker(
-                     dims, args, plan, next);
-               });
+    RunForward(ctx, row_splits, dims, args);
     FromFloat<T>(ctx, out_f, out);
   }
 
@@ -213,7 +330,7 @@ class RaggedAttentionGradOp : public OpKernel {
     const Tensor& lse = ctx->input(5);
     const Tensor& d_out = ctx->input(6);
     OP_REQUIRES_OK(ctx, CheckPacked(q, k, v, splits));
-    OP_REQUIRES_OK(ctx, CheckGradInputs(q, v, out, lse, d_out));
+    OP_REQUIRES_OK(ctx, CheckGradInputs(v.shape(), out, lse, d_out));
     std::vector<int64_t> row_splits;
     OP_REQUIRES_OK(ctx, ReadRowSplits(splits, q.dim_size(0), &row_splits));
     const auto dims = Dims(q, v, causal_, scale_);
@@ -230,17 +347,6 @@ class RaggedAttentionGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, v, &vf));
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, out, &of));
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, d_out, &df));
-
-    auto* pool = CpuThreadPool(ctx);
-    const auto plan = tfrec_fast::kernels::PlanRaggedAttention(
-        row_splits.data(), static_cast<int64_t>(row_splits.size()) - 1, dims,
-        pool->NumThreads());
-    Tensor workspace;
-    if (plan.workspace_floats > 0) {
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(
-                              DT_FLOAT, TensorShape({plan.workspace_floats}),
-                              &workspace));
-    }
     tfrec_fast::kernels::RaggedAttentionBackwardArgs args;
     args.q = qf.flat<float>().data();
     args.k = kf.flat<float>().data();
@@ -251,25 +357,116 @@ class RaggedAttentionGradOp : public OpKernel {
     args.dq = dq_f.flat<float>().data();
     args.dk = dk_f.flat<float>().data();
     args.dv = dv_f.flat<float>().data();
-    args.workspace =
-        plan.workspace_floats > 0 ? workspace.flat<float>().data() : nullptr;
-    RunWorkers(ctx, static_cast<int64_t>(plan.items.size()),
-               [&](std::atomic<int64_t>* next) {
-                 tfrec_fast::kernels::RaggedAttentionBackwardWorker(
-                     dims, args, plan, next);
-               });
-    const int64_t units = static_cast<int64_t>(plan.reduce_units.size());
-    if (units > 0) {
-      const int64_t width = dims.head_dim + dims.value_dim;
-      pool->ParallelFor(units, /*cost_per_unit=*/64 * 4 * width,
-                        [&](int64_t begin, int64_t end) {
-                          tfrec_fast::kernels::RaggedAttentionReduce(
-                              dims, args, plan, begin, end);
-                        });
-    }
+    RunBackward(ctx, row_splits, dims, args);
+    if (!ctx->status().ok()) return;
     FromFloat<T>(ctx, dq_f, dq);
     FromFloat<T>(ctx, dk_f, dk);
     FromFloat<T>(ctx, dv_f, dv);
+  }
+
+ private:
+  bool causal_;
+  float scale_;
+};
+
+template <typename T>
+class RaggedAttentionQkvPackedOp : public OpKernel {
+ public:
+  explicit RaggedAttentionQkvPackedOp(OpKernelConstruction* ctx)
+      : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("causal", &causal_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& qkv = ctx->input(0);
+    const Tensor& splits = ctx->input(1);
+    OP_REQUIRES_OK(ctx, CheckQkvPacked(qkv, splits));
+    std::vector<int64_t> row_splits;
+    OP_REQUIRES_OK(ctx, ReadRowSplits(splits, qkv.dim_size(0), &row_splits));
+    const auto dims = QkvPackedDims(qkv, causal_, scale_);
+
+    Tensor *out = nullptr, *lse = nullptr;
+    Tensor out_f;
+    OP_REQUIRES_OK(ctx, AllocateOutput<T>(
+                            ctx, 0,
+                            TensorShape({dims.num_tokens, dims.num_heads,
+                                         dims.value_dim}),
+                            &out, &out_f));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            1, TensorShape({dims.num_tokens, dims.num_heads}),
+                            &lse));
+    if (dims.num_tokens == 0 || dims.num_heads == 0) return;
+    Tensor qkv_f;
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, qkv, &qkv_f));
+    const float* base = qkv_f.flat<float>().data();
+    const int64_t slice = dims.num_heads * dims.head_dim;
+    tfrec_fast::kernels::RaggedAttentionForwardArgs args;
+    args.q = base;
+    args.k = base + slice;
+    args.v = base + 2 * slice;
+    args.out = out_f.flat<float>().data();
+    args.lse = lse->flat<float>().data();
+    RunForward(ctx, row_splits, dims, args);
+    FromFloat<T>(ctx, out_f, out);
+  }
+
+ private:
+  bool causal_;
+  float scale_;
+};
+
+template <typename T>
+class RaggedAttentionQkvPackedGradOp : public OpKernel {
+ public:
+  explicit RaggedAttentionQkvPackedGradOp(OpKernelConstruction* ctx)
+      : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("causal", &causal_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& qkv = ctx->input(0);
+    const Tensor& splits = ctx->input(1);
+    const Tensor& out = ctx->input(2);
+    const Tensor& lse = ctx->input(3);
+    const Tensor& d_out = ctx->input(4);
+    OP_REQUIRES_OK(ctx, CheckQkvPacked(qkv, splits));
+    const auto dims = QkvPackedDims(qkv, causal_, scale_);
+    OP_REQUIRES_OK(
+        ctx, CheckGradInputs(TensorShape({dims.num_tokens, dims.num_heads,
+                                          dims.value_dim}),
+                             out, lse, d_out));
+    std::vector<int64_t> row_splits;
+    OP_REQUIRES_OK(ctx, ReadRowSplits(splits, qkv.dim_size(0), &row_splits));
+
+    Tensor* d_qkv = nullptr;
+    Tensor d_qkv_f;
+    OP_REQUIRES_OK(ctx,
+                   AllocateOutput<T>(ctx, 0, qkv.shape(), &d_qkv, &d_qkv_f));
+    if (dims.num_tokens == 0 || dims.num_heads == 0) return;
+    Tensor qkv_f, of, df;
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, qkv, &qkv_f));
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, out, &of));
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, d_out, &df));
+    const float* base = qkv_f.flat<float>().data();
+    float* d_base = d_qkv_f.flat<float>().data();
+    const int64_t slice = dims.num_heads * dims.head_dim;
+    tfrec_fast::kernels::RaggedAttentionBackwardArgs args;
+    args.q = base;
+    args.k = base + slice;
+    args.v = base + 2 * slice;
+    args.out = of.flat<float>().data();
+    args.lse = lse.flat<float>().data();
+    args.d_out = df.flat<float>().data();
+    // Every token belongs to one sequence, so the three slices of d_qkv are
+    // written in full (as the unpacked op's dq, dk, dv are).
+    args.dq = d_base;
+    args.dk = d_base + slice;
+    args.dv = d_base + 2 * slice;
+    RunBackward(ctx, row_splits, dims, args);
+    if (!ctx->status().ok()) return;
+    FromFloat<T>(ctx, d_qkv_f, d_qkv);
   }
 
  private:
@@ -285,7 +482,15 @@ class RaggedAttentionGradOp : public OpKernel {
   REGISTER_KERNEL_BUILDER(Name("TfrecFastRaggedAttentionGrad")            \
                               .Device(DEVICE_CPU)                         \
                               .TypeConstraint<T>("T"),                    \
-                          RaggedAttentionGradOp<T>);
+                          RaggedAttentionGradOp<T>);                      \
+  REGISTER_KERNEL_BUILDER(Name("TfrecFastRaggedAttentionQkvPacked")       \
+                              .Device(DEVICE_CPU)                         \
+                              .TypeConstraint<T>("T"),                    \
+                          RaggedAttentionQkvPackedOp<T>);                 \
+  REGISTER_KERNEL_BUILDER(Name("TfrecFastRaggedAttentionQkvPackedGrad")   \
+                              .Device(DEVICE_CPU)                         \
+                              .TypeConstraint<T>("T"),                    \
+                          RaggedAttentionQkvPackedGradOp<T>);
 REGISTER_CPU(float);
 REGISTER_CPU(Eigen::half);
 REGISTER_CPU(bfloat16);

@@ -180,8 +180,8 @@ class RaggedAttentionGradGpuOp : public OpKernel {
     const Tensor& lse = ctx->input(5);
     const Tensor& d_out = ctx->input(6);
     OP_REQUIRES_OK(ctx, CheckPackedGpu(q, k, v, splits));
-    OP_REQUIRES_OK(ctx, tfrec_fast_internal::CheckGradInputs(q, v, out, lse,
-                                                             d_out));
+    OP_REQUIRES_OK(ctx, tfrec_fast_internal::CheckGradInputs(v.shape(), out,
+                                                             lse, d_out));
     std::vector<int64_t> row_splits;
     OP_REQUIRES_OK(ctx, tfrec_fast_internal::ReadRowSplits(
                             splits, q.dim_size(0), &row_splits));

@@ -3,7 +3,8 @@
 `tf.nn.gelu(x, approximate=False)` is 0.5 x erfc(-x / sqrt 2); its autodiff
 gradient differentiates erfc and both products (~12 elementwise passes over
 [T, F]). The closed form x phi(x) + Phi(x) reuses the forward's Phi(x):
-about half the passes, same values within float rounding.
+about half the passes, same values within float rounding (Phi from erf,
+see below).
 """
 
 import math
@@ -23,9 +24,15 @@ def exact_gelu(x):
         x: float tensor, any shape.
 
     Returns:
-        Same shape and dtype as x (= `tf.nn.gelu(x, approximate=False)`).
+        Same shape and dtype as x: `tf.nn.gelu(x, approximate=False)`
+        within float rounding plus |x| * 6e-8.
     """
-    cdf = 0.5 * tf.math.erfc(x * -_INV_SQRT2)
+    # erf, not tf.nn.gelu's erfc: TF's Erfc kernel is ~3x slower here
+    # (1.5 vs 0.5 ms on [8k, 256]). 1 + erf(x / sqrt 2) loses relative
+    # precision in the far negative tail, where x Phi(x) is below 1e-6 in
+    # size anyway (an absolute error under |x| * 6e-8; PyTorch's exact GELU
+    # is computed the same way).
+    cdf = 0.5 + 0.5 * tf.math.erf(x * _INV_SQRT2)
 
     def grad(dy):
         pdf = tf.exp(-0.5 * tf.square(x)) * _INV_SQRT_2PI

@@ -199,18 +199,34 @@ class RaggedMultiHeadAttention(tf_keras.layers.Layer):
         if checks:
             with tf.control_dependencies(checks):
                 row_splits = tf.identity(row_splits)
+        use_fused = self.use_fused if use_fused is None else use_fused
         if key is query and value is query:
             for layer in (self.query_dense, self.key_dense, self.value_dense):
                 if not layer.built:  # creates its weights (no rows to do)
                     layer(query.flat_values[:0])
-            queries, keys, values = self._project_self(query.flat_values)
+            qkv = self._project_self(query.flat_values)
+            if self.key_dim == self.value_dim:
+                # Read in place by the fused op: no split, no concat.
+                context = attention_ops.ragged_attention_qkvpacked(
+                    tf.reshape(qkv, [-1, 3, self.num_heads, self.key_dim]),
+                    row_splits, causal=self.causal, use_fused=use_fused)
+            else:
+                widths = (self.key_dim, self.key_dim, self.value_dim)
+                parts = tf.split(qkv, [self.num_heads * w for w in widths],
+                                 axis=1)
+                queries, keys, values = (
+                    tf.reshape(part, [-1, self.num_heads, w])
+                    for part, w in zip(parts, widths))
+                context = packed_attention(queries, keys, values, row_splits,
+                                           causal=self.causal,
+                                           use_fused=use_fused)
         else:
             queries = self.query_dense(query.flat_values)  # [T, H, Dk]
             keys = self.key_dense(key.flat_values)  # [T, H, Dk]
             values = self.value_dense(value.flat_values)  # [T, H, Dv]
-        context = packed_attention(
-            queries, keys, values, row_splits, causal=self.causal,
-            use_fused=self.use_fused if use_fused is None else use_fused)
+            context = packed_attention(queries, keys, values, row_splits,
+                                       causal=self.causal,
+                                       use_fused=use_fused)
         context = self.output_dropout(context, training=training)
         return query.with_flat_values(self._project_output(context))
 
@@ -223,23 +239,22 @@ class RaggedMultiHeadAttention(tf_keras.layers.Layer):
             x: float [T, D].
 
         Returns:
-            ([T, H, Dk], [T, H, Dk], [T, H, Dv]) in the projections'
-            compute dtype.
+            [T, H Dk | H Dk | H Dv]: queries, keys and values side by side
+            (each [T, H, width] row-major), in the projections' compute
+            dtype.
         """
         dtype = self.query_dense.compute_dtype
         x = tf.cast(x, dtype)
         layers = (self.query_dense, self.key_dense, self.value_dense)
-        widths = [self.key_dim, self.key_dim, self.value_dim]
         kernel = tf.concat([tf.reshape(tf.cast(layer.kernel, dtype),
                                        [x.shape[-1], -1])
                             for layer in layers], axis=1)
         fused = tf.matmul(x, kernel)
-        if self.use_bias:
-            fused += tf.concat([tf.reshape(tf.cast(layer.bias, dtype), [-1])
-                                for layer in layers], axis=0)
-        parts = tf.split(fused, [self.num_heads * w for w in widths], axis=1)
-        return tuple(tf.reshape(part, [-1, self.num_heads, w])
-                     for part, w in zip(parts, widths))
+        if self.use_bias:  # BiasAdd: its gradient is a fast BiasAddGrad
+            fused = tf.nn.bias_add(fused, tf.concat(
+                [tf.reshape(tf.cast(layer.bias, dtype), [-1])
+                 for layer in layers], axis=0))
+        return fused
 
     def _project_output(self, context):
         """The output projection as one [T, H Dv] x [H Dv, Do] matmul.
@@ -263,7 +278,7 @@ class RaggedMultiHeadAttention(tf_keras.layers.Layer):
         out = tf.matmul(tf.reshape(tf.cast(context, dtype), [-1, heads_width]),
                         tf.reshape(kernel, [heads_width, -1]))
         if self.use_bias:
-            out += tf.cast(layer.bias, dtype)
+            out = tf.nn.bias_add(out, tf.cast(layer.bias, dtype))
         return out
 
     def get_config(self):

@@ -21,6 +21,7 @@ from tfrec_fast.ops.kernel_sampler import kernel_sampler_draw_reference
 from tfrec_fast.ops.layer_norm import layer_norm
 from tfrec_fast.ops.layer_norm import layer_norm_reference
 from tfrec_fast.ops.ragged_attention import ragged_attention
+from tfrec_fast.ops.ragged_attention import ragged_attention_qkvpacked
 from tfrec_fast.ops.ragged_attention import ragged_attention_reference
 from tfrec_fast.ops.validate_ids import validate_ids
 from tfrec_fast.ops.validate_ids import validate_ids_reference

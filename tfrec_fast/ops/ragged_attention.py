@@ -9,6 +9,9 @@ sequence (and, when causal, only to itself and earlier ones).
 batch to its longest row in memory, which is what the fused op avoids. It is
 the test oracle and the serving path (core ops only).
 
+`ragged_attention_qkvpacked` is the same on one [T, 3, H, D] tensor (a
+fused Q/K/V projection's output), read and differentiated in place.
+
 `ragged_attention` runs the fused op TfrecFastRaggedAttention
 (custom_ops/kernels/ragged_attention.h: per (sequence, head) tiles, online
 softmax, no padding, no [L, L] matrix) when the op library is loaded, and the
@@ -222,6 +225,93 @@ def ragged_attention(queries, keys, values, row_splits, causal=True,
         queries, keys, values, row_splits, causal=bool(causal),
         scale=float(scale))
     return out
+
+
+def _check_qkv_packed(qkv, row_splits):
+    if qkv.shape.rank is not None and (qkv.shape.rank != 4
+                                       or qkv.shape[1] not in (None, 3)):
+        raise ValueError("qkv must be packed [T, 3, H, D] (queries, keys, "
+                         f"values), got shape {qkv.shape}")
+    if not qkv.dtype.is_floating:
+        raise ValueError(f"qkv must be floating point, got {qkv.dtype.name}")
+    shape = qkv.shape
+    part = tf.TensorSpec(  # what each of qkv[:, 0], [:, 1], [:, 2] is
+        None if shape.rank is None else shape[:1].concatenate(shape[2:]),
+        qkv.dtype)
+    check_packed(part, part, part, row_splits)
+
+
+def ragged_attention_qkvpacked(qkv, row_splits, causal=True, scale=None,
+                               use_fused=None):
+    """`ragged_attention` on queries, keys and values packed in one tensor.
+
+    FlashAttention's varlen `qkvpacked` form: a self-attention layer's fused
+    Q/K/V projection gives [T, 3 H D] = [T, 3, H, D] directly, and the fused
+    CPU op reads q, k, v in place and writes the gradient as one [T, 3, H,
+    D] tensor, so the projection needs neither a split forward nor a concat
+    backward. Same values as `ragged_attention(qkv[:, 0], qkv[:, 1],
+    qkv[:, 2], ...)`. The packed op has a CPU kernel only: where a GPU is
+    visible the three slices go to `ragged_attention` (its CUDA kernels).
+    No XLA kernel.
+
+    Args:
+        qkv: float [T, 3, H, D]: queries qkv[:, 0], keys qkv[:, 1], values
+            qkv[:, 2].
+        row_splits: int32/int64 [B + 1] sequence boundaries (row_splits[0]
+            = 0, non-decreasing, row_splits[B] = T).
+        causal: token i sees tokens j <= i of its sequence; else all of them.
+        scale: score multiplier; default 1 / sqrt(D).
+        use_fused: as for `ragged_attention` (False: the pure-TF reference).
+
+    Returns:
+        [T, H, D] of the input dtype.
+
+    Raises:
+        ValueError: ranks, shapes or dtypes that do not fit together.
+        tf.errors.InvalidArgumentError: (fused op) bad row_splits, as for
+            `ragged_attention`.
+    """
+    qkv = tf.convert_to_tensor(qkv)
+    row_splits = tf.convert_to_tensor(row_splits)
+    _check_qkv_packed(qkv, row_splits)
+    if use_fused is False:
+        return ragged_attention_reference(*tf.unstack(qkv, 3, axis=1),
+                                          row_splits, causal=causal,
+                                          scale=scale)
+    module = None
+    if not tf.config.list_logical_devices("GPU"):
+        module = _library.fused_module("tfrec_fast_ragged_attention_qkv_packed",
+                                       "TfrecFastRaggedAttentionQkvPacked",
+                                       use_fused)
+    if module is None or qkv.dtype not in _FUSED_DTYPES:
+        return ragged_attention(*tf.unstack(qkv, 3, axis=1), row_splits,
+                                causal=causal, scale=scale,
+                                use_fused=use_fused)
+    if scale is None:
+        head_dim = qkv.shape[-1]
+        if head_dim is None:
+            raise ValueError("scale=None needs a static head dimension D "
+                             f"(qkv shape {qkv.shape}); pass scale")
+        scale = 1.0 / math.sqrt(head_dim)
+    if row_splits.dtype not in (tf.int32, tf.int64):
+        row_splits = tf.cast(row_splits, tf.int64)
+    out, _ = module.tfrec_fast_ragged_attention_qkv_packed(
+        qkv, row_splits, causal=bool(causal), scale=float(scale))
+    return out
+
+
+@tf.RegisterGradient("TfrecFastRaggedAttentionQkvPacked")
+def _ragged_attention_qkvpacked_grad(op, d_out, d_logsumexp):
+    """d_qkv from the fused backward; logsumexp carries no gradient."""
+    del d_logsumexp
+    qkv, row_splits = op.inputs
+    if d_out is None:
+        return tf.zeros_like(qkv), None
+    module = _library.DEFAULT_LIBRARY.module()
+    d_qkv = module.tfrec_fast_ragged_attention_qkv_packed_grad(
+        qkv, row_splits, op.outputs[0], op.outputs[1], d_out,
+        causal=op.get_attr("causal"), scale=op.get_attr("scale"))
+    return d_qkv, None
 
 
 @tf.RegisterGradient("TfrecFastRaggedAttention")
