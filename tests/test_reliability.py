@@ -66,6 +66,7 @@ COLUMNS = collections.OrderedDict([
 COMPONENTS = [
     "ops.validate_ids", "ops.validate_ids_reference",
     "ops.ragged_attention", "ops.ragged_attention_reference",
+    "ops.ragged_attention_qkvpacked",
     "ops.cut_cross_entropy", "ops.cut_cross_entropy_reference",
     "ops.cce_minus", "ops.cce_minus_reference",
     "ops.kernel_sampler_draw", "ops.kernel_sampler_draw_reference",
@@ -86,6 +87,7 @@ COMPONENTS = [
 # Rows whose documented behaviour is the compiled op's: skipped when the op
 # library is not loaded (the pure-TF twins have rows of their own).
 FUSED_ROWS = {"ops.validate_ids", "ops.ragged_attention",
+              "ops.ragged_attention_qkvpacked",
               "ops.cut_cross_entropy", "ops.cce_minus",
               "ops.kernel_sampler_draw"}
 
@@ -394,6 +396,60 @@ case("ops.ragged_attention_reference", "long", ok(
     "scores (0.4 GB per head at L = 10,000)", check_long_attention),
      lambda: (ops.ragged_attention_reference,
               _attention_inputs([0, LONG], tokens=LONG)))
+
+
+# The q/k/v-packed entry point: one [T, 3, H, D] tensor, the same kernel.
+def _qkv_inputs(splits, tokens=5, seed=0):
+    q, k, v, s = _attention_inputs(splits, tokens, seed)
+    return tf.stack([q, k, v], axis=1), s
+
+
+def _unstacked(check):
+    """A check of (out, q, k, v, splits) as one of (out, qkv, splits)."""
+    return lambda out, qkv, s: check(out, *tf.unstack(qkv, 3, axis=1), s)
+
+
+_QKV = "ops.ragged_attention_qkvpacked"
+_qkv_fn = ops.ragged_attention_qkvpacked
+case(_QKV, "oor", raises(
+    IAE, "row_splits[-1] = row_splits[2] = 7 must equal the number of "
+         "packed tokens T = 5"),
+     lambda: (_qkv_fn, _qkv_inputs([0, 2, 7])), label="row_splits past T",
+     modes=BOTH)
+case(_QKV, "neg", raises(IAE, "row_splits[0] must be 0, got -1"),
+     lambda: (_qkv_fn, _qkv_inputs([-1, 2, 5])), label="row_splits[0] < 0")
+case(_QKV, "neg", raises(
+    IAE, "row_splits must be non-decreasing, but row_splits[2] = 2 < "
+         "row_splits[1] = 3"),
+     lambda: (_qkv_fn, _qkv_inputs([0, 3, 2, 5])),
+     label="a negative row length")
+case(_QKV, "empty_rows", ok(
+    "empty rows skipped; equals the reference on the other rows",
+    _unstacked(lambda out, q, k, v, s: close(
+        out, ops.ragged_attention_reference(q, k, v, ints([0, 2, 5]))))),
+     lambda: (_qkv_fn, _qkv_inputs([0, 0, 2, 2, 5, 5])))
+case(_QKV, "zero_rows", ok(
+    "[0, H, D] output", lambda out, qkv, s: equal(out.shape, [0, 1, D])),
+     lambda: (_qkv_fn, _qkv_inputs([0], tokens=0)))
+case(_QKV, "nan", ok(
+    "NaN query: NaN output for that token only", _unstacked(_attention_nan)),
+     lambda: (_qkv_fn, (tf.stack([with_value(normal([5, 1, D]), [0, 0, 0]),
+                                  normal([5, 1, D], 1),
+                                  normal([5, 1, D], 2)], axis=1),
+                        ints([0, 2, 5]))))
+case(_QKV, "dtype", raises(ValueError, "qkv must be floating point, got int32"),
+     lambda: (_qkv_fn, (tf.zeros([5, 3, 1, D], tf.int32), ints([0, 5]))))
+case(_QKV, "dtype", raises(ValueError,
+                           "row_splits must be integer, got float32"),
+     lambda: (_qkv_fn, (_qkv_inputs([0, 5])[0], tf.constant([0.0, 5.0]))))
+case(_QKV, "rank", raises(
+    ValueError, "qkv must be packed [T, 3, H, D] (queries, keys, values), "
+                "got shape (5, 1, 4)"),
+     lambda: (_qkv_fn, (normal([5, 1, D]), ints([0, 5]))))
+case(_QKV, "long", ok(
+    "equals a float64 NumPy oracle at 8 positions",
+    _unstacked(check_long_attention)),
+     lambda: (_qkv_fn, _qkv_inputs([0, LONG], tokens=LONG)))
 
 
 for _name, _fn in (("ops.cut_cross_entropy", ops.cut_cross_entropy),
@@ -1632,7 +1688,8 @@ not_applicable(["ops.validate_ids", "ops.validate_ids_reference"],
                ["rank"], "any shape is valid")
 not_applicable(["ops.validate_ids", "ops.validate_ids_reference"],
                ["k0", "k_gt_c"], _NO_K)
-not_applicable(["ops.ragged_attention", "ops.ragged_attention_reference"],
+not_applicable(["ops.ragged_attention", "ops.ragged_attention_reference",
+                "ops.ragged_attention_qkvpacked"],
                ["k0", "k_gt_c"], "no K (each row attends to itself)")
 not_applicable(["ops.cut_cross_entropy", "ops.cut_cross_entropy_reference",
                 "ops.cce_minus", "ops.cce_minus_reference"],

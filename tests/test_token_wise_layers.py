@@ -15,6 +15,8 @@ from tfrec_fast.layers.gelu import exact_gelu
 from tfrec_fast.layers.gelu import fast_activation
 from tfrec_fast.layers.token_layer_norm import TokenLayerNormalization
 
+from cpu_isa_testing import assert_passes_on_every_isa
+
 
 def _pair(epsilon, dim):
     ours = TokenLayerNormalization(epsilon=epsilon)
@@ -152,3 +154,41 @@ def test_use_fused_picks_the_op_or_core_ops():
                    for t in _op_types(layer, None))
     restored = TokenLayerNormalization.from_config(layer.get_config())
     assert restored.use_fused is False and restored.epsilon == 1e-6
+
+
+_ONE_WIDE_ROWS_SCRIPT = """
+import numpy as np
+import tensorflow as tf
+import tfrec_fast
+from tfrec_fast import ops
+rng = np.random.default_rng(0)
+# D = 1 (and D = 17: a vector body plus a tail, rows of one repeated value):
+# x_hat = 0, so dx = rstd (g - mean(g)); for D = 1 that is exactly 0, with
+# rstd = 1000 amplifying any rounding difference between g and its mean.
+for dim in (1, 17):
+    x = np.repeat(rng.integers(-2, 3, (93, 1)), dim, 1).astype(np.float32)
+    x = tf.constant(x)
+    dy = tf.constant(rng.uniform(-1.5, 1.5, (93, dim)).astype(np.float32))
+    gamma = tf.constant(rng.normal(size=dim).astype(np.float32))
+    grads = []
+    for fused in (True, False):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = ops.layer_norm(x, gamma, tf.zeros([dim]), 1e-6,
+                               use_fused=fused)
+        grads.append(tape.gradient(y, x, output_gradients=dy).numpy())
+    if dim == 1:
+        assert not grads[0].any() and not grads[1].any(), grads[0].max()
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5,
+                               atol=1e-5 * np.abs(grads[1]).max())
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not ops.build_info()["cpu_ops"],
+                    reason="op library not built")
+def test_layer_norm_gradient_where_rows_are_constant_on_every_isa():
+    # FMA contraction once made dy * gamma - mean(g) skip the rounding of g
+    # on the AVX2 / AVX-512 paths: D = 1 rows got dx ~ 3e-5 instead of 0.
+    exec(compile(_ONE_WIDE_ROWS_SCRIPT, "<one-wide rows>", "exec"), {})
+    assert_passes_on_every_isa(_ONE_WIDE_ROWS_SCRIPT)

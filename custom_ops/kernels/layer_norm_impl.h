@@ -69,10 +69,16 @@ void BackwardRows(const float* x, const float* gamma, const float* mean,
     float* dxr = dx + r * dim;
     const float m = mean[r], s = rstd[r];
     const V vm = Splat(m), vs = Splat(s);
+    // g = dy * gamma is stored in dx and read back in the second pass, so
+    // the g in g - mean(g) is the rounded g that was summed: with FMA
+    // contraction, recomputing dy * gamma - mean(g) would skip that rounding
+    // (an error times rstd, up to 1 / sqrt(epsilon), where the true dx is 0:
+    // D = 1, or constant rows).
     V g_acc = Splat(0.0f), gx_acc = Splat(0.0f);
     for (int64_t d = 0; d < body; d += W) {
       const V x_hat = (Load(xr + d) - vm) * vs;
       const V g = Load(dyr + d) * Load(gamma + d);
+      Store(dxr + d, g);
       g_acc += g;
       gx_acc += g * x_hat;
     }
@@ -80,6 +86,7 @@ void BackwardRows(const float* x, const float* gamma, const float* mean,
     for (int64_t d = body; d < dim; ++d) {
       const float x_hat = (xr[d] - m) * s;
       const float g = dyr[d] * gamma[d];
+      dxr[d] = g;
       g_sum += g;
       gx_sum += g * x_hat;
     }
@@ -90,13 +97,13 @@ void BackwardRows(const float* x, const float* gamma, const float* mean,
       const V dyv = Load(dyr + d);
       Store(d_gamma + d, Load(d_gamma + d) + dyv * x_hat);
       Store(d_beta + d, Load(d_beta + d) + dyv);
-      Store(dxr + d, vs * (dyv * Load(gamma + d) - vg - x_hat * vgx));
+      Store(dxr + d, vs * ((Load(dxr + d) - vg) - x_hat * vgx));
     }
     for (int64_t d = body; d < dim; ++d) {
       const float x_hat = (xr[d] - m) * s;
       d_gamma[d] += dyr[d] * x_hat;
       d_beta[d] += dyr[d];
-      dxr[d] = s * (dyr[d] * gamma[d] - g_mean - x_hat * gx_mean);
+      dxr[d] = s * ((dxr[d] - g_mean) - x_hat * gx_mean);
     }
   }
 }

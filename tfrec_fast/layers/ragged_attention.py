@@ -5,7 +5,10 @@ The Q/K/V and output projections run on the packed tokens (`flat_values`
 sequence over `row_splits` through `tfrec_fast.ops.ragged_attention`, so no
 [B, L_max, D] tensor is ever built by this layer (the fused op keeps any
 padding in on-chip memory; the pure-TF reference it falls back to pads
-internally).
+internally). Self-attention with key_dim == value_dim projects q, k and v
+with one matmul into [T, 3, H, D] and hands that tensor to
+`ragged_attention_qkvpacked`, which reads it and writes its gradient in
+place (no split forward, no concat backward).
 """
 
 import importlib
