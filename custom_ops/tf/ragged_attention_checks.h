@@ -16,6 +16,17 @@
 namespace tensorflow {
 namespace tfrec_fast_internal {
 
+// row_splits is a vector [B + 1] with at least one entry.
+inline Status CheckRowSplitsShape(const Tensor& splits) {
+  if (splits.dims() != 1 || splits.dim_size(0) < 1) {
+    return errors::InvalidArgument(
+        "row_splits must be a vector [B + 1] with at least one entry, got "
+        "shape ",
+        splits.shape().DebugString());
+  }
+  return OkStatus();
+}
+
 // "queries [T, H, Dh]" style shape checks of both ops, CPU and GPU.
 inline Status CheckPacked(const Tensor& q, const Tensor& k, const Tensor& v,
                           const Tensor& splits) {
@@ -44,13 +55,7 @@ inline Status CheckPacked(const Tensor& q, const Tensor& k, const Tensor& v,
         " must have the [T, H] of queries and keys ",
         q.shape().DebugString());
   }
-  if (splits.dims() != 1 || splits.dim_size(0) < 1) {
-    return errors::InvalidArgument(
-        "row_splits must be a vector [B + 1] with at least one entry, got "
-        "shape ",
-        splits.shape().DebugString());
-  }
-  return OkStatus();
+  return CheckRowSplitsShape(splits);
 }
 
 // "qkv [T, 3, H, D]" shape check of the q/k/v-packed ops.
@@ -60,13 +65,7 @@ inline Status CheckQkvPacked(const Tensor& qkv, const Tensor& splits) {
         "qkv must be packed [T, 3, H, D] (queries, keys, values), got shape ",
         qkv.shape().DebugString());
   }
-  if (splits.dims() != 1 || splits.dim_size(0) < 1) {
-    return errors::InvalidArgument(
-        "row_splits must be a vector [B + 1] with at least one entry, got "
-        "shape ",
-        splits.shape().DebugString());
-  }
-  return OkStatus();
+  return CheckRowSplitsShape(splits);
 }
 
 // Shapes of the gradient ops' extra inputs: out and d_out of `out_shape`

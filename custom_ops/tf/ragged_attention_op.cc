@@ -269,13 +269,66 @@ void RunBackward(OpKernelContext* ctx, const std::vector<int64_t>& row_splits,
   }
 }
 
-template <typename T>
-class RaggedAttentionOp : public OpKernel {
+// The attributes every kernel here reads.
+class RaggedAttentionKernel : public OpKernel {
  public:
-  explicit RaggedAttentionOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit RaggedAttentionKernel(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("causal", &causal_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
   }
+
+ protected:
+  bool causal_;
+  float scale_;
+};
+
+// Allocates out [T, H, Dv] (type T) and logsumexp [T, H], then runs the
+// forward on float32 q, k, v (pointers into one or three tensors).
+template <typename T>
+void ForwardToOutputs(OpKernelContext* ctx,
+                      const std::vector<int64_t>& row_splits,
+                      const tfrec_fast::kernels::RaggedAttentionDims& dims,
+                      const float* q, const float* k, const float* v) {
+  Tensor *out = nullptr, *lse = nullptr;
+  Tensor out_f;
+  OP_REQUIRES_OK(ctx, AllocateOutput<T>(
+                          ctx, 0,
+                          TensorShape({dims.num_tokens, dims.num_heads,
+                                       dims.value_dim}),
+                          &out, &out_f));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                          1, TensorShape({dims.num_tokens, dims.num_heads}),
+                          &lse));
+  if (dims.num_tokens == 0 || dims.num_heads == 0) return;
+  tfrec_fast::kernels::RaggedAttentionForwardArgs args;
+  args.q = q;
+  args.k = k;
+  args.v = v;
+  args.out = out_f.flat<float>().data();
+  args.lse = lse->flat<float>().data();
+  RunForward(ctx, row_splits, dims, args);
+  FromFloat<T>(ctx, out_f, out);
+}
+
+// The backward's inputs from the forward: out and d_out as float32 (copies
+// in *out_f, *d_out_f for half types) and logsumexp, set in *args.
+template <typename T>
+Status ForwardResultArgs(OpKernelContext* ctx, const Tensor& out,
+                         const Tensor& lse, const Tensor& d_out,
+                         Tensor* out_f, Tensor* d_out_f,
+                         tfrec_fast::kernels::RaggedAttentionBackwardArgs* args) {
+  TF_RETURN_IF_ERROR(AsFloat<T>(ctx, out, out_f));
+  TF_RETURN_IF_ERROR(AsFloat<T>(ctx, d_out, d_out_f));
+  args->out = out_f->flat<float>().data();
+  args->lse = lse.flat<float>().data();
+  args->d_out = d_out_f->flat<float>().data();
+  return OkStatus();
+}
+
+template <typename T>
+class RaggedAttentionOp : public RaggedAttentionKernel {
+ public:
+  using RaggedAttentionKernel::RaggedAttentionKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& q = ctx->input(0);
@@ -285,41 +338,20 @@ class RaggedAttentionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckPacked(q, k, v, splits));
     std::vector<int64_t> row_splits;
     OP_REQUIRES_OK(ctx, ReadRowSplits(splits, q.dim_size(0), &row_splits));
-    const auto dims = Dims(q, v, causal_, scale_);
-
-    Tensor *out = nullptr, *lse = nullptr;
-    Tensor out_f;
-    OP_REQUIRES_OK(ctx, AllocateOutput<T>(ctx, 0, v.shape(), &out, &out_f));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            1, TensorShape({dims.num_tokens, dims.num_heads}),
-                            &lse));
-    if (dims.num_tokens == 0 || dims.num_heads == 0) return;
     Tensor qf, kf, vf;
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, q, &qf));
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, k, &kf));
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, v, &vf));
-    tfrec_fast::kernels::RaggedAttentionForwardArgs args;
-    args.q = qf.flat<float>().data();
-    args.k = kf.flat<float>().data();
-    args.v = vf.flat<float>().data();
-    args.out = out_f.flat<float>().data();
-    args.lse = lse->flat<float>().data();
-    RunForward(ctx, row_splits, dims, args);
-    FromFloat<T>(ctx, out_f, out);
+    ForwardToOutputs<T>(ctx, row_splits, Dims(q, v, causal_, scale_),
+                        qf.flat<float>().data(), kf.flat<float>().data(),
+                        vf.flat<float>().data());
   }
-
- private:
-  bool causal_;
-  float scale_;
 };
 
 template <typename T>
-class RaggedAttentionGradOp : public OpKernel {
+class RaggedAttentionGradOp : public RaggedAttentionKernel {
  public:
-  explicit RaggedAttentionGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("causal", &causal_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
-  }
+  using RaggedAttentionKernel::RaggedAttentionKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& q = ctx->input(0);
@@ -345,15 +377,12 @@ class RaggedAttentionGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, q, &qf));
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, k, &kf));
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, v, &vf));
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, out, &of));
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, d_out, &df));
     tfrec_fast::kernels::RaggedAttentionBackwardArgs args;
+    OP_REQUIRES_OK(ctx, ForwardResultArgs<T>(ctx, out, lse, d_out, &of, &df,
+                                             &args));
     args.q = qf.flat<float>().data();
     args.k = kf.flat<float>().data();
     args.v = vf.flat<float>().data();
-    args.out = of.flat<float>().data();
-    args.lse = lse.flat<float>().data();
-    args.d_out = df.flat<float>().data();
     args.dq = dq_f.flat<float>().data();
     args.dk = dk_f.flat<float>().data();
     args.dv = dv_f.flat<float>().data();
@@ -363,20 +392,12 @@ class RaggedAttentionGradOp : public OpKernel {
     FromFloat<T>(ctx, dk_f, dk);
     FromFloat<T>(ctx, dv_f, dv);
   }
-
- private:
-  bool causal_;
-  float scale_;
 };
 
 template <typename T>
-class RaggedAttentionQkvPackedOp : public OpKernel {
+class RaggedAttentionQkvPackedOp : public RaggedAttentionKernel {
  public:
-  explicit RaggedAttentionQkvPackedOp(OpKernelConstruction* ctx)
-      : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("causal", &causal_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
-  }
+  using RaggedAttentionKernel::RaggedAttentionKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& qkv = ctx->input(0);
@@ -385,45 +406,19 @@ class RaggedAttentionQkvPackedOp : public OpKernel {
     std::vector<int64_t> row_splits;
     OP_REQUIRES_OK(ctx, ReadRowSplits(splits, qkv.dim_size(0), &row_splits));
     const auto dims = QkvPackedDims(qkv, causal_, scale_);
-
-    Tensor *out = nullptr, *lse = nullptr;
-    Tensor out_f;
-    OP_REQUIRES_OK(ctx, AllocateOutput<T>(
-                            ctx, 0,
-                            TensorShape({dims.num_tokens, dims.num_heads,
-                                         dims.value_dim}),
-                            &out, &out_f));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            1, TensorShape({dims.num_tokens, dims.num_heads}),
-                            &lse));
-    if (dims.num_tokens == 0 || dims.num_heads == 0) return;
     Tensor qkv_f;
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, qkv, &qkv_f));
     const float* base = qkv_f.flat<float>().data();
     const int64_t slice = dims.num_heads * dims.head_dim;
-    tfrec_fast::kernels::RaggedAttentionForwardArgs args;
-    args.q = base;
-    args.k = base + slice;
-    args.v = base + 2 * slice;
-    args.out = out_f.flat<float>().data();
-    args.lse = lse->flat<float>().data();
-    RunForward(ctx, row_splits, dims, args);
-    FromFloat<T>(ctx, out_f, out);
+    ForwardToOutputs<T>(ctx, row_splits, dims, base, base + slice,
+                        base + 2 * slice);
   }
-
- private:
-  bool causal_;
-  float scale_;
 };
 
 template <typename T>
-class RaggedAttentionQkvPackedGradOp : public OpKernel {
+class RaggedAttentionQkvPackedGradOp : public RaggedAttentionKernel {
  public:
-  explicit RaggedAttentionQkvPackedGradOp(OpKernelConstruction* ctx)
-      : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("causal", &causal_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
-  }
+  using RaggedAttentionKernel::RaggedAttentionKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& qkv = ctx->input(0);
@@ -447,18 +442,15 @@ class RaggedAttentionQkvPackedGradOp : public OpKernel {
     if (dims.num_tokens == 0 || dims.num_heads == 0) return;
     Tensor qkv_f, of, df;
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, qkv, &qkv_f));
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, out, &of));
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, d_out, &df));
+    tfrec_fast::kernels::RaggedAttentionBackwardArgs args;
+    OP_REQUIRES_OK(ctx, ForwardResultArgs<T>(ctx, out, lse, d_out, &of, &df,
+                                             &args));
     const float* base = qkv_f.flat<float>().data();
     float* d_base = d_qkv_f.flat<float>().data();
     const int64_t slice = dims.num_heads * dims.head_dim;
-    tfrec_fast::kernels::RaggedAttentionBackwardArgs args;
     args.q = base;
     args.k = base + slice;
     args.v = base + 2 * slice;
-    args.out = of.flat<float>().data();
-    args.lse = lse.flat<float>().data();
-    args.d_out = df.flat<float>().data();
     // Every token belongs to one sequence, so the three slices of d_qkv are
     // written in full (as the unpacked op's dq, dk, dv are).
     args.dq = d_base;
@@ -468,10 +460,6 @@ class RaggedAttentionQkvPackedGradOp : public OpKernel {
     if (!ctx->status().ok()) return;
     FromFloat<T>(ctx, d_qkv_f, d_qkv);
   }
-
- private:
-  bool causal_;
-  float scale_;
 };
 
 #define REGISTER_CPU(T)                                                   \

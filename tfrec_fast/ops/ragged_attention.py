@@ -213,18 +213,25 @@ def ragged_attention(queries, keys, values, row_splits, causal=True,
                 f"{queries.dtype.name}")
         return ragged_attention_reference(queries, keys, values, row_splits,
                                           causal=causal, scale=scale)
+    scale, row_splits = _fused_op_args(scale, queries, "queries",
+                                       row_splits)
+    out, _ = module.tfrec_fast_ragged_attention(
+        queries, keys, values, row_splits, causal=bool(causal), scale=scale)
+    return out
+
+
+def _fused_op_args(scale, tensor, name, row_splits):
+    """The fused ops' float `scale` (default 1 / sqrt(the static last
+    dimension of `tensor`)) and int32/int64 row_splits."""
     if scale is None:
-        head_dim = queries.shape[-1]
+        head_dim = tensor.shape[-1]
         if head_dim is None:
-            raise ValueError("scale=None needs a static head dimension Dh "
-                             f"(queries shape {queries.shape}); pass scale")
+            raise ValueError("scale=None needs a static head dimension "
+                             f"({name} shape {tensor.shape}); pass scale")
         scale = 1.0 / math.sqrt(head_dim)
     if row_splits.dtype not in (tf.int32, tf.int64):
         row_splits = tf.cast(row_splits, tf.int64)
-    out, _ = module.tfrec_fast_ragged_attention(
-        queries, keys, values, row_splits, causal=bool(causal),
-        scale=float(scale))
-    return out
+    return float(scale), row_splits
 
 
 def _check_qkv_packed(qkv, row_splits):
@@ -287,16 +294,9 @@ def ragged_attention_qkvpacked(qkv, row_splits, causal=True, scale=None,
         return ragged_attention(*tf.unstack(qkv, 3, axis=1), row_splits,
                                 causal=causal, scale=scale,
                                 use_fused=use_fused)
-    if scale is None:
-        head_dim = qkv.shape[-1]
-        if head_dim is None:
-            raise ValueError("scale=None needs a static head dimension D "
-                             f"(qkv shape {qkv.shape}); pass scale")
-        scale = 1.0 / math.sqrt(head_dim)
-    if row_splits.dtype not in (tf.int32, tf.int64):
-        row_splits = tf.cast(row_splits, tf.int64)
+    scale, row_splits = _fused_op_args(scale, qkv, "qkv", row_splits)
     out, _ = module.tfrec_fast_ragged_attention_qkv_packed(
-        qkv, row_splits, causal=bool(causal), scale=float(scale))
+        qkv, row_splits, causal=bool(causal), scale=scale)
     return out
 
 
