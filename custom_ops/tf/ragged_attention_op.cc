@@ -313,10 +313,10 @@ void ForwardToOutputs(OpKernelContext* ctx,
 // The backward's inputs from the forward: out and d_out as float32 (copies
 // in *out_f, *d_out_f for half types) and logsumexp, set in *args.
 template <typename T>
-Status ForwardResultArgs(OpKernelContext* ctx, const Tensor& out,
-                         const Tensor& lse, const Tensor& d_out,
-                         Tensor* out_f, Tensor* d_out_f,
-                         tfrec_fast::kernels::RaggedAttentionBackwardArgs* args) {
+Status ForwardResultArgs(
+    OpKernelContext* ctx, const Tensor& out, const Tensor& lse,
+    const Tensor& d_out, Tensor* out_f, Tensor* d_out_f,
+    tfrec_fast::kernels::RaggedAttentionBackwardArgs* args) {
   TF_RETURN_IF_ERROR(AsFloat<T>(ctx, out, out_f));
   TF_RETURN_IF_ERROR(AsFloat<T>(ctx, d_out, d_out_f));
   args->out = out_f->flat<float>().data();

@@ -171,8 +171,8 @@ def ragged_attention(queries, keys, values, row_splits, causal=True,
     compiled library (a multi-threaded CPU kernel, and a CUDA kernel in GPU
     builds; never pads, keeps only a per-row log-sum-exp for the backward)
     when it is loaded, else the reference after one `OpLibraryWarning`.
-    Differentiable with respect to queries, keys and values. Custom ops have no XLA kernels: do not call it
-    under `jit_compile=True`.
+    Differentiable with respect to queries, keys and values. Custom ops
+    have no XLA kernels: do not call it under `jit_compile=True`.
 
     Args:
         queries: float [T, H, Dh] packed queries.
