@@ -1373,15 +1373,20 @@ case("samplers.HardNegatives", "nan", ok(
     _check_shape([3, 4])),
      lambda: _sample(_hard(), with_value(hidden(), [0, 0]), 4, False,
                      targets()), label="query NaN")
-case("samplers.HardNegatives", "dtype", raises(
-    ValueError, "query must be a floating-point [T, D] tensor, got int32"),
-     lambda: _sample(_hard(), tf.zeros([3, D], tf.int32), 4, False))
-case("samplers.HardNegatives", "rank", raises(
-    ValueError, "query must have rank 2 ([T, D]), got shape (4,)"),
-     lambda: _sample(_hard(), normal([D]), 4, False))
-case("samplers.HardNegatives", "k0", raises(
-    ValueError, "num must be a positive integer, got 0"),
-     lambda: _sample(_hard(), hidden(), 0, False))
+# The query samplers' shared argument checks (samplers.base).
+for _name, _make in (("samplers.HardNegatives", _hard),
+                     ("samplers.KernelSampler", _kernel_sampler)):
+    case(_name, "dtype", raises(
+        ValueError,
+        "query must be a floating-point [T, D] tensor, got int32"),
+         lambda make=_make: _sample(make(), tf.zeros([3, D], tf.int32), 4,
+                                    False))
+    case(_name, "rank", raises(
+        ValueError, "query must have rank 2 ([T, D]), got shape (4,)"),
+         lambda make=_make: _sample(make(), normal([D]), 4, False))
+    case(_name, "k0", raises(
+        ValueError, "num must be a positive integer, got 0"),
+         lambda make=_make: _sample(make(), hidden(), 0, False))
 case("samplers.HardNegatives", "k0", raises(
     ValueError, "pool_size must be a positive integer, got 0"),
      lambda: (_hard, (0,)), label="pool_size = 0")
@@ -1468,15 +1473,6 @@ case("samplers.KernelSampler", "nan", raises(
          "build its tree"),
      lambda: (_kernel_sampler().refresh, (with_value(table(), [2, 1]),)),
      label="item_table NaN", needs_ops=True)
-case("samplers.KernelSampler", "dtype", raises(
-    ValueError, "query must be a floating-point [T, D] tensor, got int32"),
-     lambda: _sample(_kernel_sampler(), tf.zeros([3, D], tf.int32), 4, False))
-case("samplers.KernelSampler", "rank", raises(
-    ValueError, "query must have rank 2 ([T, D]), got shape (4,)"),
-     lambda: _sample(_kernel_sampler(), normal([D]), 4, False))
-case("samplers.KernelSampler", "k0", raises(
-    ValueError, "num must be a positive integer, got 0"),
-     lambda: _sample(_kernel_sampler(), hidden(), 0, False))
 case("samplers.KernelSampler", "k_gt_c", ok(
     "K = 20 draws per row with replacement; exact log q",
     _kernel_exact(3, 20)),

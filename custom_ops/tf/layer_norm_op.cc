@@ -109,22 +109,18 @@ Status CheckShapes(OpKernelContext* ctx, std::initializer_list<int> vectors,
     return errors::InvalidArgument("x must be [N, D] with D >= 1, got shape ",
                                    x.shape().DebugString());
   }
-  for (const int i : vectors) {
+  // Input i must be the vector [name] = [x.dim_size(axis)].
+  const auto check = [&](int i, const char* name, int axis) -> Status {
     const Tensor& v = ctx->input(i);
-    if (v.dims() != 1 || v.dim_size(0) != x.dim_size(1)) {
-      return errors::InvalidArgument("input ", i, " must be [D] = [",
-                                     x.dim_size(1), "], got shape ",
-                                     v.shape().DebugString());
+    if (v.dims() != 1 || v.dim_size(0) != x.dim_size(axis)) {
+      return errors::InvalidArgument("input ", i, " must be [", name,
+                                     "] = [", x.dim_size(axis),
+                                     "], got shape ", v.shape().DebugString());
     }
-  }
-  for (const int i : rows) {
-    const Tensor& v = ctx->input(i);
-    if (v.dims() != 1 || v.dim_size(0) != x.dim_size(0)) {
-      return errors::InvalidArgument("input ", i, " must be [N] = [",
-                                     x.dim_size(0), "], got shape ",
-                                     v.shape().DebugString());
-    }
-  }
+    return OkStatus();
+  };
+  for (const int i : vectors) TF_RETURN_IF_ERROR(check(i, "D", 1));
+  for (const int i : rows) TF_RETURN_IF_ERROR(check(i, "N", 0));
   return OkStatus();
 }
 
